@@ -1,0 +1,3 @@
+"""controlnext: controllable generation with ControlNeXt and ControlNet on pretrained diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""The `controlnext` command line: a thin layer over the library, one module per subcommand.
+
+Each subcommand module defines `add_parser(subparsers, parent)`, which registers its parser and sets
+`run=callable(args) -> int | None`. Heavy imports happen inside `run`, so `controlnext --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import ControlNextError
+
+SUBCOMMANDS = ["generate", "annotate"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser = argparse.ArgumentParser(
+        prog="controlnext",
+        description="Controllable image generation with ControlNeXt and ControlNet.",
+        parents=[parent],
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers, parent)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ControlNextError as error:
+        if args.debug:
+            raise
+        print(f"controlnext {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
