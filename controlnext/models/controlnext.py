@@ -124,6 +124,15 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         self.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(channels, out_channels, 1)])
         self.scale = nn.Parameter(torch.tensor(1.0)) if learnable_scale else None
 
+    shares_across_cfg = True  # the output depends on the condition and timestep only, not on the prompt
+
+    @property
+    def injection(self) -> str:
+        return self.config.injection
+
+    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, unet_inputs: dict) -> torch.Tensor:
+        return self(condition, timestep)
+
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "ControlNeXtModel":
         """Build a named configuration (see VARIANTS) with random weights."""
