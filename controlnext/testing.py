@@ -39,11 +39,16 @@ def tiny_controlnext(seed: int = 0, out_channels: int = 8, **overrides):
     return model
 
 
+def byte_alphabet() -> list[str]:
+    """The 256 printable characters that byte-level BPE tokenizers (GPT-2, CLIP) use for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
 def write_clip_tokenizer(folder: Path, max_length: int = 16) -> None:
     """A character-level CLIP tokenizer (byte alphabet, no merges) as vocab.json + merges.txt."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
+    chars = byte_alphabet()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
@@ -91,3 +96,19 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
     pipe = StableDiffusionPipeline(**tiny_pipeline_components(seed), requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def main() -> None:
+    """`python -m controlnext.testing DIR`: write a tiny random base model and control to DIR/base, DIR/control."""
+    import sys
+
+    from .control.loading import save_controlnext
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-model")
+    save_tiny_pipeline(out / "base")
+    save_controlnext(out / "control", tiny_controlnext(seed=3))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

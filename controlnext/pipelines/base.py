@@ -1,0 +1,150 @@
+"""Base models: find and load a Stable Diffusion 1.x/2.x or SDXL pipeline, offline first; schedulers; LoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import ControlNextError
+
+DEFAULT_BASE = Path(__file__).resolve().parent.parent / "assets" / "base"
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+}
+TASKS = ("txt2img", "img2img", "inpaint")
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ControlNextError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    if device == "cpu" and name == "fp16":
+        raise ControlNextError("fp16 does not run on a CPU; use --dtype fp32 (or bf16) there")
+    return DTYPES[name]
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Replace the pipeline's scheduler by another one built from the same config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ControlNextError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def family_of(pipe) -> str:
+    family = FAMILIES.get(type(pipe).__name__)
+    if family is None:
+        raise ControlNextError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x/2.x or SDXL pipeline")
+    return family
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return any(key.startswith("conditioner.embedders.1") for key in handle.keys())
+    except Exception:
+        raise ControlNextError(f"cannot read {path} as a safetensors checkpoint; is it corrupt?") from None
+
+
+def load_base(
+    source: str | Path | None = None,
+    *,
+    task: str = "txt2img",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    allow_download: bool = False,
+):
+    """Load a diffusers pipeline for `task` from a local folder, the local HF cache, or a single file.
+
+    `source=None` uses the embedded default model shipped inside the package.
+    """
+    import diffusers
+
+    if task not in TASKS:
+        raise ControlNextError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if source is None:
+        if not (DEFAULT_BASE / "model_index.json").is_file():
+            raise ControlNextError("no embedded default model in this installation; pass --base MODEL")
+        source = DEFAULT_BASE
+    path = Path(source)
+    local_only = not allow_download
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ControlNextError(f"{path} is not a diffusers model folder (no model_index.json)")
+        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        if class_name not in FAMILIES:
+            raise ControlNextError(f"{path} holds a {class_name}; controlnext runs Stable Diffusion 1.x/2.x and SDXL")
+        pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(path), dtype, True)
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise ControlNextError(f"{path.name}: single-file checkpoints must be .safetensors")
+        cls = diffusers.StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else diffusers.StableDiffusionPipeline
+        try:
+            pipe = cls.from_single_file(str(path), config=config, dtype=dtype, local_files_only=local_only)
+        except Exception as error:
+            raise ControlNextError(
+                f"cannot load {path.name} as a single-file {cls.__name__} ({str(error).splitlines()[0][:160]}); "
+                "pass --base-config with a local diffusers folder of the same architecture"
+            ) from None
+    elif "/" in str(source) and not str(source).startswith((".", "/")):
+        pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(source), dtype, local_only)
+    else:
+        raise ControlNextError(f"base model not found: {source} (give a diffusers folder, a .safetensors file or a model id)")
+
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    family_of(pipe)
+    if task == "img2img":
+        pipe = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+    elif task == "inpaint":
+        pipe = diffusers.AutoPipelineForInpainting.from_pipe(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _from_pretrained(cls, source: str, dtype: torch.dtype, local_only: bool):
+    try:
+        return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, safety_checker=None)
+    except (OSError, ValueError, EnvironmentError) as error:
+        if local_only and not Path(source).exists():
+            raise ControlNextError(
+                f"{source} is not in the local Hugging Face cache; download it first "
+                f"(`huggingface-cli download {source}`) or pass --allow-download"
+            ) from None
+        raise ControlNextError(f"cannot load base model {source}: {str(error).splitlines()[0][:200]}") from None
+
+
+def load_loras(pipe, loras: list[tuple[str, float]]) -> None:
+    """Load style LoRAs (diffusers or kohya safetensors) and activate them with their weights."""
+    if not loras:
+        return
+    names = []
+    for i, (path, _) in enumerate(loras):
+        if not Path(path).exists():
+            raise ControlNextError(f"LoRA file not found: {path}")
+        name = f"lora{i}"
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as error:
+            raise ControlNextError(f"cannot load LoRA {path}: {str(error).splitlines()[0][:200]}") from None
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[weight for _, weight in loras])

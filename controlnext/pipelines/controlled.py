@@ -1,0 +1,144 @@
+"""A diffusers pipeline with controls attached: called the way diffusers users call a pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from ..control import ControlUnit, attach_control
+from ..control.loading import LoadedControl, load_control
+from ..errors import ControlNextError
+from ..images import check_size, load_image, prepare_condition
+from .base import load_base, load_loras, set_scheduler
+
+
+class ControlledPipeline:
+    """Wraps any SD1.x/2.x/SDXL diffusers pipeline (txt2img, img2img, inpaint) and its controls.
+
+    `pipe(prompt, control_images=[...], ...)` attaches the controls for the call and detaches them after,
+    so `self.pipe` stays the unmodified diffusers pipeline. Other keyword arguments go to diffusers.
+    """
+
+    def __init__(self, pipe, controls: Sequence[LoadedControl] = ()):
+        self.pipe = pipe
+        self.controls = list(controls)
+        for control in self.controls:
+            if control.model.dtype != pipe.unet.dtype:
+                control.model.to(pipe.unet.dtype)
+            control.model.to(pipe.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path | None = None,
+        controls: Sequence[str | Path | LoadedControl] = (),
+        *,
+        task: str = "txt2img",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        scheduler: str | None = None,
+        loras: Sequence[tuple[str, float]] = (),
+        allow_pickle: bool = False,
+        allow_download: bool = False,
+        base_config: str | None = None,
+        **control_options,
+    ) -> "ControlledPipeline":
+        """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`."""
+        pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download)
+        if scheduler:
+            set_scheduler(pipe, scheduler)
+        load_loras(pipe, list(loras))
+        loaded = [
+            c if isinstance(c, LoadedControl) else load_control(c, pipe.unet, allow_pickle=allow_pickle, **control_options)
+            for c in controls
+        ]
+        return cls(pipe, loaded)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["pipe"], name)
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        control_images: Sequence[Image.Image | str | Path | torch.Tensor | Sequence] | None = None,
+        control_scales: Sequence[float] | float | None = None,
+        control_starts: Sequence[float] | float = 0.0,
+        control_ends: Sequence[float] | float = 1.0,
+        apply_to: str = "both",
+        **kwargs,
+    ):
+        n = len(self.controls)
+        images = list(control_images or [])
+        if len(images) != n:
+            raise ControlNextError(f"{n} control(s) loaded but {len(images)} condition image(s) given; give one per control")
+        scales = _per_control(control_scales, [c.scale for c in self.controls], n, "scale")
+        starts = _per_control(control_starts, None, n, "start")
+        ends = _per_control(control_ends, None, n, "end")
+        for start, end in zip(starts, ends):
+            if not 0 <= start <= end <= 1:
+                raise ControlNextError(f"control window start={start}, end={end}: need 0 <= start <= end <= 1")
+
+        width, height = self._size(kwargs)
+        check_size(width, height, self.pipe.vae_scale_factor, "generation")
+        if "image" not in kwargs or "mask_image" in kwargs:  # txt2img and inpaint take the size
+            kwargs.setdefault("width", width)
+            kwargs.setdefault("height", height)
+        units = [
+            ControlUnit(control.model, self._condition_batch(image, width, height, control.model), scale, start, end,
+                        name=Path(control.source).name, unet_weights=control.unet_weights)
+            for control, image, scale, start, end in zip(self.controls, images, scales, starts, ends)
+        ]
+        guidance = kwargs.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 7.5))
+        cfg = guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
+        for unit in units:
+            if unit.condition.shape[0] not in (1, len(prompts)):
+                raise ControlNextError(
+                    f"{unit.condition.shape[0]} condition images for {len(prompts)} prompts; give one or one per prompt"
+                )
+        with attach_control(self.pipe.unet, units, scheduler=self.pipe.scheduler, apply_to=apply_to, cfg=cfg):
+            return self.pipe(prompt=prompt, **kwargs)
+
+    def _size(self, kwargs: dict) -> tuple[int, int]:
+        init = kwargs.get("image")
+        if init is not None and "mask_image" not in kwargs and isinstance(init, Image.Image):
+            return init.size
+        default_w, default_h = self.default_size()
+        if init is not None and isinstance(init, Image.Image):
+            default_w, default_h = init.size
+        return kwargs.get("width") or default_w, kwargs.get("height") or default_h
+
+    def _condition_batch(self, image, width: int, height: int, model) -> torch.Tensor:
+        """One condition image (or a list, one per prompt) -> (b, 3, height, width) in [0, 1]."""
+        items = image if isinstance(image, (list, tuple)) else [image]
+        tensors = []
+        for item in items:
+            if isinstance(item, (str, Path)):
+                item = load_image(item)
+            if isinstance(item, torch.Tensor):
+                tensors.append(item if item.ndim == 4 else item[None])
+            else:
+                tensors.append(prepare_condition(item, width, height)[None])
+        condition = torch.cat(tensors)  # (b, 3, H, W)
+        return condition.to(device=model.device, dtype=model.dtype)
+
+
+def _per_control(value, defaults, n: int, what: str) -> list[float]:
+    if value is None:
+        return list(defaults)
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    value = [float(v) for v in value]
+    if len(value) == 1:
+        return value * n
+    if len(value) != n:
+        raise ControlNextError(f"{len(value)} {what} values for {n} controls; give one, or one per control")
+    return value
