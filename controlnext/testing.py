@@ -112,3 +112,36 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def tiny_sdxl_components(seed: int = 0, folder: Path | None = None) -> dict:
+    """The parts of a StableDiffusionXLPipeline at toy size: two text encoders, size/crop conditioning."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="controlnext-tokenizer-"))
+    write_clip_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=16)).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=16 + 6 * 4, transformer_layers_per_block=(1, 2),
+    ).eval()
+    vae = tiny_pipeline_components(seed, folder)["vae"]
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)

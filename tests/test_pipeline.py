@@ -114,3 +114,22 @@ def test_lora_together_with_control(tmp_path, tiny_base, tiny_control):
                                                     loras=[(str(tmp_path / "pytorch_lora_weights.safetensors"), weight)])
         images = run(styled)
         assert np.allclose(images, plain, atol=1e-6) == same
+
+
+def test_sdxl_pipeline_with_control_after_conv_in(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from controlnext.control.loading import LoadedControl
+    from controlnext.testing import tiny_controlnext, tiny_sdxl_components
+
+    base = StableDiffusionXLPipeline(**tiny_sdxl_components())
+    base.set_progress_bar_config(disable=True)
+    control = LoadedControl(tiny_controlnext(injection="conv_in"))
+    pipe = ControlledPipeline(base, [control])
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    plain = base("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    zero = pipe("a red circle", control_images=[circle()], control_scales=[0.0],
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+    controlled = pipe("a red circle", control_images=[circle()], generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_array_equal(zero, plain)
+    assert controlled.shape == (1, 64, 64, 3) and np.abs(controlled - plain).max() > 1e-3
