@@ -34,6 +34,7 @@ def add_parser(subparsers, parent) -> None:
     p.add_argument("--variant", default=None, help="official ControlNeXt layout of a release file (sdxl, sd15, sd15-v1, svd)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled .bin/.pth weights (trusted files only)")
     p.add_argument("--allow-download", action="store_true", help="allow downloading a base model id from the Hugging Face Hub")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder to look for model ids in")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="style LoRA with its weight (repeatable)")
     p.add_argument("--task", choices=["txt2img", "img2img", "inpaint"], default="txt2img", help="what the base pipeline does")
     p.add_argument("--init-image", default=None, help="starting image for img2img and inpaint")
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = ControlledPipeline.from_pretrained(
         args.base, [resolve_control(c) for c in args.control], task=args.task, device=device, dtype=dtype,
         scheduler=args.scheduler, loras=[parse_lora(x) for x in args.lora], allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download, base_config=args.base_config, variant=args.variant,
+        allow_download=args.allow_download, base_config=args.base_config, cache_dir=args.cache_dir,
+        variant=args.variant,
     )
     pipe.pipe.set_progress_bar_config(disable=args.no_progress, desc="denoising")
     kwargs = dict(

@@ -72,6 +72,7 @@ def load_base(
     dtype: torch.dtype = torch.float32,
     config: str | None = None,
     allow_download: bool = False,
+    cache_dir: str | None = None,
 ):
     """Load a diffusers pipeline for `task` from a local folder, the local HF cache, or a single file.
 
@@ -93,7 +94,7 @@ def load_base(
         class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
         if class_name not in FAMILIES:
             raise ControlNextError(f"{path} holds a {class_name}; controlnext runs Stable Diffusion 1.x/2.x and SDXL")
-        pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(path), dtype, True)
+        pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(path), dtype, True, cache_dir)
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise ControlNextError(f"{path.name}: single-file checkpoints must be .safetensors")
@@ -106,7 +107,7 @@ def load_base(
                 "pass --base-config with a local diffusers folder of the same architecture"
             ) from None
     elif "/" in str(source) and not str(source).startswith((".", "/")):
-        pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(source), dtype, local_only)
+        pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(source), dtype, local_only, cache_dir)
     else:
         raise ControlNextError(f"base model not found: {source} (give a diffusers folder, a .safetensors file or a model id)")
 
@@ -121,9 +122,10 @@ def load_base(
     return pipe.to(device)
 
 
-def _from_pretrained(cls, source: str, dtype: torch.dtype, local_only: bool):
+def _from_pretrained(cls, source: str, dtype: torch.dtype, local_only: bool, cache_dir: str | None = None):
     try:
-        return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, safety_checker=None)
+        return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, safety_checker=None,
+                                   cache_dir=cache_dir)
     except (OSError, ValueError, EnvironmentError) as error:
         if local_only and not Path(source).exists():
             raise ControlNextError(

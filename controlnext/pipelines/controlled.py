@@ -44,10 +44,12 @@ class ControlledPipeline:
         allow_pickle: bool = False,
         allow_download: bool = False,
         base_config: str | None = None,
+        cache_dir: str | None = None,
         **control_options,
     ) -> "ControlledPipeline":
         """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`."""
-        pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download)
+        pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download,
+                         cache_dir=cache_dir)
         if scheduler:
             set_scheduler(pipe, scheduler)
         load_loras(pipe, list(loras))
