@@ -1,0 +1,60 @@
+"""Loading transformers models for neural annotators from a local folder, never from the network."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ControlNextError
+
+_FOLDER_LAYOUT = "a folder saved with save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available, else the CPU; any other string is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ControlNextError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def load_local_model(model_path: str | Path | None, auto_class: str, task: str, examples: str) -> tuple[Any, Any]:
+    """(model, image processor) of a local transformers folder, for `task` ("depth estimation", ...)."""
+    if not model_path:
+        raise ControlNextError(f"{task} needs model_path=<folder>: a local {task} model ({examples}), {_FOLDER_LAYOUT}")
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise ControlNextError(f"model folder not found: {folder}; give a local {task} model ({examples}), {_FOLDER_LAYOUT}")
+    for required in ("config.json", "preprocessor_config.json"):
+        if not (folder / required).is_file():
+            raise ControlNextError(f"{folder} has no {required}; expected a {task} model ({examples}), {_FOLDER_LAYOUT}")
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    return _load(str(folder.resolve()), stamp, auto_class, task, examples)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(folder: str, stamp: int, auto_class: str, task: str, examples: str) -> tuple[Any, Any]:
+    import transformers
+
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(folder, local_files_only=True)
+        processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except ValueError:  # the Auto class does not know this config's model type
+        model_type = _model_type(folder)
+        raise ControlNextError(f"{folder} holds a {model_type!r} model, not a {task} model; give one such as {examples}") from None
+    except OSError as error:
+        raise ControlNextError(f"cannot load the {task} model in {folder}: {str(error).splitlines()[0]}") from None
+    return model.eval(), processor
+
+
+def _model_type(folder: str) -> str:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
