@@ -250,7 +250,8 @@ def test_missing_mediapipe_names_the_pose_extra(monkeypatch):
     ],
 )
 def test_options_are_typed_from_strings(pairs, expected):
-    name = {"low_threshold": "canny", "sigma": "softedge", "model_path": "softedge", "invert": "mask"}[next(iter(expected))]
+    owner = {"low_threshold": "canny", "sigma": "softedge", "model_path": "softedge", "invert": "mask"}
+    name = owner[next(iter(expected))]
     parsed = parse_options(name, pairs)
     assert parsed == expected and all(type(parsed[k]) is type(v) for k, v in expected.items())
 

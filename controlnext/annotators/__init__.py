@@ -8,12 +8,12 @@ Weight-free annotators use OpenCV/numpy; `openpose` needs the `pose` extra (medi
 `depth`, `normals`, `segmentation` and learned `softedge` load weights from a local folder (`model_path`).
 """
 
-from .depth import depth, normals
+from .depth_estimation import depth, normals
 from .edges import canny, lineart, scribble, softedge
 from .lines import straight_lines
 from .masks import mask
 from .mediapipe_pose import detect_people, openpose
-from .openpose import (
+from .openpose_format import (
     PersonKeypoints,
     draw_openpose,
     openpose_json,
@@ -22,10 +22,10 @@ from .openpose import (
     render_openpose_json,
 )
 from .registry import AnnotatorSpec, annotate, get_annotator, list_annotators, parse_options, register_annotator
-from .segmentation import segmentation
 from .segments import color_segments
+from .semantic_segmentation import segmentation
 from .shuffle import content_shuffle
-from .tile import blur, tile
+from .upscaling import blur, tile
 
 
 register_annotator("canny", canny, resample="binary")

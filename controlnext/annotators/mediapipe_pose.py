@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..errors import ControlNextError, MissingDependencyError
 from .arrays import rgb_array
-from .openpose import PersonKeypoints, draw_openpose
+from .openpose_format import PersonKeypoints, draw_openpose
 
 # OpenPose COCO point -> mediapipe pose landmark; the neck (None) is the midpoint of the shoulders.
 MEDIAPIPE_TO_OPENPOSE = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
@@ -91,7 +91,9 @@ def _body_keypoints(landmarks: np.ndarray, min_visibility: float) -> np.ndarray:
     return body
 
 
-def openpose(image: Image.Image, *, hands: bool = False, face: bool = False, min_visibility: float = 0.5) -> Image.Image:
+def openpose(
+    image: Image.Image, *, hands: bool = False, face: bool = False, min_visibility: float = 0.5
+) -> Image.Image:
     """Human pose as an OpenPose skeleton on black (18 body points; hands and face on request), via mediapipe.
 
     Needs the `pose` extra. One person per image; an image without a person gives a black condition.

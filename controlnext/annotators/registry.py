@@ -120,14 +120,7 @@ def annotate(
     spec.check_options(options)
     if not isinstance(image, Image.Image):
         raise ControlNextError(f"annotate needs a PIL image, got {type(image).__name__}; open files with load_image")
-    if resize_mode not in RESIZE_MODES:
-        raise ControlNextError(f"unknown resize mode {resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
-    if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
-        raise ControlNextError(f"resolution must be a positive number of pixels, got {resolution!r}")
-    if output_size is not None:
-        if len(output_size) != 2 or any(not isinstance(side, int) or side < 1 for side in output_size):
-            raise ControlNextError(f"output_size must be (width, height) in positive pixels, got {output_size!r}")
-        output_size = (output_size[0], output_size[1])
+    output_size = _check_sizes(resolution, resize_mode, output_size)
 
     source = normalize_mode(image)
     working = source if resolution is None or spec.native_resolution else resize_short_side(source, resolution)
@@ -135,6 +128,20 @@ def annotate(
     if output_size is None:
         return _resize_result(result, source.size, "just_resize", spec.resample)  # same aspect ratio
     return _resize_result(result, output_size, resize_mode, spec.resample)
+
+
+def _check_sizes(resolution: Any, resize_mode: str, output_size: Any) -> tuple[int, int] | None:
+    """Validate the size arguments of `annotate`; returns output_size as a (width, height) tuple of ints."""
+    if resize_mode not in RESIZE_MODES:
+        raise ControlNextError(f"unknown resize mode {resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
+    if resolution is not None and (not isinstance(resolution, (int, np.integer)) or resolution < 1):
+        raise ControlNextError(f"resolution must be a positive number of pixels, got {resolution!r}")
+    if output_size is None:
+        return None
+    sides = tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
+    if len(sides) != 2 or any(not isinstance(side, (int, np.integer)) or side < 1 for side in sides):
+        raise ControlNextError(f"output_size must be (width, height) in positive pixels, got {output_size!r}")
+    return int(sides[0]), int(sides[1])
 
 
 def _resize_result(result: Image.Image, size: tuple[int, int], mode: str, resample: Resample) -> Image.Image:

@@ -16,7 +16,9 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="annotator, e.g. canny, lineart, openpose, depth")
     parser.add_argument("image", metavar="IMAGE", type=Path, help="input image file (PNG, JPEG, ...)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the condition image")
-    parser.add_argument("--resolution", type=int, default=None, help="short side the annotator works at (default: the image's)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="short side the annotator works at (default: the image's)"
+    )
     parser.add_argument(
         "--resize-mode", default="crop_and_resize",
         help="how to reach --output-size: crop_and_resize (default), just_resize or resize_and_fill",

@@ -29,14 +29,18 @@ def estimate_nearness(image: Image.Image, model_path: str | None, device: str = 
     if _predicts_distance(model.config):
         values = -values
     low, high = float(values.min()), float(values.max())
-    return ((values - low) / max(high - low, 1e-8)).astype(np.float32)
+    if high <= low:  # a constant prediction has no near or far
+        return np.zeros_like(values, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)
 
 
 def _predicts_distance(config) -> bool:
     return config.model_type in _METRIC_MODEL_TYPES or getattr(config, "depth_estimation_type", "") == "metric"
 
 
-def depth(image: Image.Image, *, model_path: str | None = None, invert: bool = False, device: str = "auto") -> Image.Image:
+def depth(
+    image: Image.Image, *, model_path: str | None = None, invert: bool = False, device: str = "auto"
+) -> Image.Image:
     """Depth map, near = white, from a local depth-estimation model folder (`model_path`), as depth controls use.
 
     Relative models (DPT/MiDaS, Depth Anything) predict inverse depth; metric ones (ZoeDepth, Depth Pro,
@@ -62,7 +66,9 @@ def normals(
     Pixels farther than `background_threshold` (in nearness) are treated as flat background.
     """
     if relief <= 0 or not 0 <= background_threshold < 1:
-        raise ControlNextError(f"normals needs relief > 0 and 0 <= background_threshold < 1, got {relief}, {background_threshold}")
+        raise ControlNextError(
+            f"normals needs relief > 0 and 0 <= background_threshold < 1, got {relief}, {background_threshold}"
+        )
     nearness = estimate_nearness(image, model_path, device)  # (h, w)
     height_map = nearness * relief * min(nearness.shape)  # (h, w), in pixels
     slope_x = cv2.Sobel(height_map, cv2.CV_32F, 1, 0, ksize=3) / 8.0  # (h, w), Sobel weights sum to 8
