@@ -64,10 +64,8 @@ def detect_people(
 
 def _landmarks(landmarks, size: tuple[int, int], with_visibility: bool = True) -> np.ndarray:
     """mediapipe landmark list -> (n, 3) of x, y in pixels and visibility; points off the image get 0."""
-    points = np.array(
-        [(mark.x * size[0], mark.y * size[1], mark.visibility if with_visibility else 1.0)
-         for mark in landmarks.landmark], dtype=np.float64,
-    )  # fmt: skip; (n, 3)
+    rows = [(m.x * size[0], m.y * size[1], m.visibility if with_visibility else 1.0) for m in landmarks.landmark]
+    points = np.array(rows, dtype=np.float64)  # (n, 3)
     outside = (points[:, 0] < 0) | (points[:, 0] >= size[0]) | (points[:, 1] < 0) | (points[:, 1] >= size[1])
     points[outside, 2] = 0.0
     return points
