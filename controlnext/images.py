@@ -69,11 +69,68 @@ def prepare_condition(image: Image.Image, width: int, height: int) -> torch.Tens
     return pil_to_tensor(image)
 
 
-def resize_and_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+def resize_and_crop(
+    image: Image.Image, width: int, height: int, resample: Image.Resampling = Image.BICUBIC
+) -> Image.Image:
     """Scale `image` to cover (width, height), then centre-crop to exactly that size."""
     scale = max(width / image.width, height / image.height)
     new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(new_size, Image.BICUBIC)
+    image = image.resize(new_size, resample)
     left = (image.width - width) // 2
     top = (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
+
+
+RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
+
+
+def resize_and_fill(
+    image: Image.Image, width: int, height: int, resample: Image.Resampling = Image.BICUBIC
+) -> Image.Image:
+    """Scale `image` to fit inside (width, height), keeping its aspect ratio, and centre it on black."""
+    scale = min(width / image.width, height / image.height)
+    new_size = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+    canvas = Image.new(image.mode, (width, height))
+    canvas.paste(image.resize(new_size, resample), ((width - new_size[0]) // 2, (height - new_size[1]) // 2))
+    return canvas
+
+
+def fit_image(
+    image: Image.Image,
+    width: int,
+    height: int,
+    mode: str = "crop_and_resize",
+    resample: Image.Resampling = Image.BICUBIC,
+) -> Image.Image:
+    """Bring `image` to exactly (width, height): cover and crop, stretch, or fit and pad with black."""
+    if mode not in RESIZE_MODES:
+        raise ControlNextError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
+    if image.size == (width, height):
+        return image
+    if mode == "just_resize":
+        return image.resize((width, height), resample)
+    if mode == "resize_and_fill":
+        return resize_and_fill(image, width, height, resample)
+    return resize_and_crop(image, width, height, resample)
+
+
+def resize_short_side(image: Image.Image, short_side: int, resample: Image.Resampling = Image.BICUBIC) -> Image.Image:
+    """Scale `image` so that its shorter side is `short_side` pixels, keeping the aspect ratio."""
+    scale = short_side / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image if size == image.size else image.resize(size, resample)
+
+
+def normalize_mode(image: Image.Image) -> Image.Image:
+    """Bring any PIL mode to RGB, RGBA (when it carries transparency) or L (one channel)."""
+    if image.mode in ("RGB", "RGBA", "L"):
+        return image
+    if image.mode in ("LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        array = array / 257.0 if image.mode.startswith("I") else array  # 16-bit range to 8-bit
+        return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
