@@ -93,3 +93,18 @@ def test_console_script_and_debug_traceback(tmp_path, tiny_base):
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "not found" in quiet.stderr
     loud = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_annotator_turns_a_photo_into_the_condition(tmp_path, tiny_base, tiny_control, shared_images):
+    photo = shared_images / "building.png"
+    raw = generate(tmp_path, tiny_base, tiny_control, photo, "raw.png")
+    edges = generate(tmp_path, tiny_base, tiny_control, photo, "edges.png", "--annotator", "canny")
+    assert read_parameters(edges)["controls"][0]["annotator"] == "canny"
+    assert not np.array_equal(np.asarray(Image.open(raw)), np.asarray(Image.open(edges)))
+
+
+def test_unknown_annotator_lists_the_known_ones(tmp_path, tiny_base, tiny_control, condition, capsys):
+    argv = ["generate", "-p", "x", "--base", str(tiny_base), "-c", str(tiny_control), "-i", str(condition),
+            "--annotator", "telepathy"]
+    assert main(argv) == 2
+    assert "canny" in capsys.readouterr().err
