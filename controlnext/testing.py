@@ -56,16 +56,23 @@ def write_clip_tokenizer(folder: Path, max_length: int = 16) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
 
 
-def tiny_pipeline_components(seed: int = 0, folder: Path | None = None) -> dict:
-    """UNet, VAE (8x), CLIP text encoder and tokenizer, DDIM scheduler: the parts of a StableDiffusionPipeline."""
+def tiny_clip_tokenizer():
+    """A loaded character-level CLIPTokenizer (its files live only while loading)."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="controlnext-tokenizer-"))
-    write_clip_tokenizer(folder / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    with tempfile.TemporaryDirectory(prefix="controlnext-tokenizer-") as folder:
+        write_clip_tokenizer(Path(folder))
+        return CLIPTokenizer.from_pretrained(folder)
+
+
+def tiny_pipeline_components(seed: int = 0) -> dict:
+    """UNet, VAE (8x), CLIP text encoder and tokenizer, DDIM scheduler: the parts of a StableDiffusionPipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -114,16 +121,12 @@ if __name__ == "__main__":
     main()
 
 
-def tiny_sdxl_components(seed: int = 0, folder: Path | None = None) -> dict:
+def tiny_sdxl_components(seed: int = 0) -> dict:
     """The parts of a StableDiffusionXLPipeline at toy size: two text encoders, size/crop conditioning."""
-    import tempfile
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    folder = Path(folder or tempfile.mkdtemp(prefix="controlnext-tokenizer-"))
-    write_clip_tokenizer(folder / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = tiny_clip_tokenizer()
     text_config = dict(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -140,7 +143,7 @@ def tiny_sdxl_components(seed: int = 0, folder: Path | None = None) -> dict:
         cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=16 + 6 * 4, transformer_layers_per_block=(1, 2),
     ).eval()
-    vae = tiny_pipeline_components(seed, folder)["vae"]
+    vae = tiny_pipeline_components(seed)["vae"]
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
