@@ -1,0 +1,67 @@
+"""The ControlNeXt module: official layouts, Cross Normalization variants, configuration checks."""
+
+import pytest
+import torch
+
+from controlnext.models import VARIANTS, ControlNeXtModel, cross_normalize
+
+
+@pytest.mark.parametrize("variant,params_m,channels", [
+    ("sdxl", 3.53, 320), ("sd15", 3.53, 320), ("sd15-v1", 5.35, 1280), ("svd", 3.53, 320),
+])
+def test_official_layouts_have_the_released_sizes(variant, params_m, channels):
+    model = ControlNeXtModel.from_variant(variant)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params_m
+    out = model(torch.rand(1, 3, 64, 64), torch.tensor(10))
+    assert out.shape == (1, channels, 8, 8)
+
+
+def test_official_cross_normalization_takes_the_base_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, generator=g) * 3 + 1
+    c = torch.randn(2, 8, 4, 4, generator=g) * 0.01 - 5
+    out = cross_normalize(c, x)
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(out.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_paper_cross_normalization_standardises_with_the_base_statistics():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 4, 4, generator=g) * 2 + 3
+    out = cross_normalize(x, x, eps=0.0, mode="paper")
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(dim=(1, 2, 3), unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    c = torch.randn(2, 8, 4, 4, generator=g)
+    expected = (c - x.mean(dim=(1, 2, 3), keepdim=True)) / x.var(dim=(1, 2, 3), keepdim=True, unbiased=False).sqrt()
+    torch.testing.assert_close(cross_normalize(c, x, eps=0.0, mode="paper"), expected)
+
+
+def test_cross_normalization_is_per_sample():
+    x = torch.randn(2, 4, 4, 4)
+    c = torch.randn(2, 4, 4, 4)
+    both = cross_normalize(c, x)
+    torch.testing.assert_close(both[1:], cross_normalize(c[1:], x[1:]))
+
+
+@pytest.mark.parametrize("bad", [dict(injection="up_blocks.1"), dict(cross_norm_mode="batch"),
+                                 dict(block_out_channels=(8, 16), block_groups=(2,))])
+def test_bad_configuration_is_refused(bad):
+    with pytest.raises(ValueError):
+        ControlNeXtModel(**bad)
+
+
+def test_learnable_scale_multiplies_after_normalisation():
+    model = ControlNeXtModel.from_variant("sd15-v1")
+    x, c = torch.randn(1, 1280, 2, 2), torch.randn(1, 1280, 2, 2)
+    with torch.no_grad():
+        model.scale.fill_(0.0)
+        torch.testing.assert_close(model.inject(x, c), x)
+        model.scale.fill_(2.0)
+        twice = model.inject(x, c) - x
+        model.scale.fill_(1.0)
+        torch.testing.assert_close(twice, 2 * (model.inject(x, c) - x))
+
+
+def test_every_variant_names_a_valid_injection_point():
+    for name, config in VARIANTS.items():
+        assert ControlNeXtModel.from_variant(name).injection == config["injection"]
