@@ -21,7 +21,7 @@ def test_official_cross_normalization_takes_the_base_statistics():
     x = torch.randn(2, 8, 4, 4, generator=g) * 3 + 1
     c = torch.randn(2, 8, 4, 4, generator=g) * 0.01 - 5
     out = cross_normalize(c, x)
-    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(out.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)), rtol=1e-4, atol=1e-4)
 
 
