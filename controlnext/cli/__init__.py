@@ -13,7 +13,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate"]
+SUBCOMMANDS = ["generate", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
