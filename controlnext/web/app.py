@@ -61,12 +61,13 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
 
         torch.set_num_threads(config.threads)
     if catalog is None:
-        bases, controls = list(config.base), list(config.control)
+        demo = []
         if config.tiny_demo:
-            demo = tiny_demo_models(Path(tempfile.gettempdir()) / "controlnext-tiny-demo")
-            bases.append(demo[0])
-            controls.append(demo[1])
-        catalog = ModelCatalog.discover(config.models_dir, bases, controls, config.lora)
+            base, control = tiny_demo_models(Path(tempfile.gettempdir()) / "controlnext-tiny-demo")
+            demo = [("base", base), ("control", control)]
+        catalog = ModelCatalog.discover(
+            config.models_dir, config.base, config.control, config.lora, demo, include_embedded=not config.hide_embedded
+        )
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype or ("fp32" if device == "cpu" else "fp16"), device)
     engine = Engine(catalog, device=device, dtype=dtype, cache_size=config.cache_size)
@@ -91,8 +92,8 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
     ui = build_ui(engine, worker, catalog, output_dir, units=config.ui_units)
     ui.queue(max_size=config.queue_size, default_concurrency_limit=1)
     return gr.mount_gradio_app(
-        app, ui, path="", allowed_paths=[str(output_dir)], max_file_size=int(config.max_body_mb * 1e6),
-        ssr_mode=False, footer_links=["api"],
+        app, ui, path="/", allowed_paths=[str(output_dir)], max_file_size=int(config.max_body_mb * 1e6),
+        ssr_mode=False, footer_links=[],  # the API is ours, at /docs
     )
 
 

@@ -40,13 +40,14 @@ class ModelCatalog:
         bases: Iterable[str | Path] = (),
         controls: Iterable[str | Path] = (),
         loras: Iterable[str | Path] = (),
+        demo: Iterable[tuple[Kind, str | Path]] = (),
         include_embedded: bool = True,
     ) -> "ModelCatalog":
-        """The embedded default first, then bundled controls, `models_dirs` scans, then explicit paths."""
+        """The shipped models first (embedded base, bundled controls), then `models_dirs` scans, explicit paths, demo."""
         found: dict[Kind, list[tuple[str, str]]] = {"base": [], "control": [], "lora": []}
         if include_embedded and (DEFAULT_BASE / "model_index.json").is_file():
             found["base"].append((str(DEFAULT_BASE), "embedded"))
-        if BUNDLED_CONTROLS.is_dir():
+        if include_embedded and BUNDLED_CONTROLS.is_dir():
             found["control"] += [(str(p), "bundled") for p in sorted(BUNDLED_CONTROLS.iterdir()) if is_control_folder(p)]
         for folder in models_dirs:
             folder = Path(folder).expanduser()
@@ -57,6 +58,8 @@ class ModelCatalog:
         for kind, paths in (("base", bases), ("control", controls), ("lora", loras)):
             for path in paths:
                 found[kind].append((check_explicit(kind, str(path)), "command-line"))
+        for kind, path in demo:
+            found[kind].append((str(path), "demo"))
         catalog = cls()
         for kind, items in found.items():
             getattr(catalog, kind + "s").extend(named_entries(kind, items))

@@ -19,6 +19,8 @@ class WebConfig:
                             default_factory=list)
     control: list[str] = _help("a control folder to offer (repeatable)", default_factory=list)
     lora: list[str] = _help("a LoRA .safetensors file to offer (repeatable)", default_factory=list)
+    hide_embedded: bool = _help("do not offer the models shipped in the package (default base, its controls)",
+                                default=False)
     tiny_demo: bool = _help("also offer a tiny random model written to a temporary folder (shows the app working "
                             "without any weights; its images are noise)", default=False)
     device: str = _help("cpu, cuda, cuda:1, mps or auto", default="auto")

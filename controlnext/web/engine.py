@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..errors import ControlNextError, MissingDependencyError
+from ..errors import ControlNextError
 from ..images import to_rgb
 from ..pipelines import ControlledPipeline, set_scheduler
 from ..pipelines.base import DTYPES
@@ -42,7 +42,7 @@ def annotate_condition(name: str, image: Image.Image, options: dict | None = Non
     try:
         from ..annotators import annotate
     except ImportError:
-        raise MissingDependencyError("controlnext.annotators", "annotators") from None
+        raise ControlNextError(f"annotator {name!r} is not available: this installation has no annotators") from None
     return to_rgb(annotate(name, image, **(options or {})))
 
 

@@ -75,7 +75,7 @@ class ControlRequest(StrictModel):
     control: str = Field(description="a control's name from /api/models")
     image: Base64Image
     annotator: str = Field("none", description="make the condition from `image` with this annotator; 'none' uses it as is")
-    annotator_options: Options = Field(default_factory=dict, description="the annotator's options, e.g. {\"low_threshold\": 100}")
+    annotator_options: Options = Field(default_factory=dict, description='its options, e.g. {"low_threshold": 100}')
     scale: float | None = Field(None, ge=0, le=2, description="control strength (default: the control's recommended scale)")
     start: float = Field(0.0, ge=0, le=1, description="fraction of the schedule where control starts")
     end: float = Field(1.0, ge=0, le=1, description="fraction of the schedule where control ends")
@@ -190,7 +190,7 @@ def describe_errors(errors: list[dict]) -> str:
 
 def public_errors(errors: list[dict]) -> list[dict]:
     """Errors without the offending input (which may be megabytes of base64) and with plain-text context."""
-    return [
-        {key: ({k: str(v) for k, v in value.items()} if key == "ctx" else value) for key, value in error.items() if key != "input"}
-        for error in errors
-    ]
+    def plain(key, value):
+        return {k: str(v) for k, v in value.items()} if key == "ctx" else value
+
+    return [{key: plain(key, value) for key, value in error.items() if key != "input"} for error in errors]

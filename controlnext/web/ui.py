@@ -181,7 +181,8 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
             return items, [(x["path"], x["caption"]) for x in items], new[0]["parameters"]
 
         inputs = {prompt, negative, base, scheduler, steps, guidance, seed, width, height, count, history}
-        inputs |= {c for unit in unit_inputs for c in (unit.control, unit.image, unit.annotator, unit.scale, unit.start, unit.end)}
+        for unit in unit_inputs:
+            inputs |= {unit.control, unit.image, unit.annotator, unit.scale, unit.start, unit.end}
         inputs |= {c for pair in loras for c in pair}
         run.click(on_generate, inputs=inputs, outputs=[history, gallery, details])
         prompt.submit(on_generate, inputs=inputs, outputs=[history, gallery, details])
