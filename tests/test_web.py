@@ -72,10 +72,26 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base, tiny_control, tmp_path_factory):
-    """The full app (API + web UI) on loopback, offering the tiny base and control."""
+def tiny_lora(tiny_base, tmp_path_factory) -> Path:
+    """A random LoRA of the tiny UNet's attention layers, in diffusers' file format."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tiny_control, tiny_lora, tmp_path_factory):
+    """The full app (API + web UI) on loopback, offering the tiny base, control and LoRA."""
     torch.set_num_threads(1)
-    config = WebConfig(base=[str(tiny_base)], control=[str(tiny_control)], hide_embedded=True,
+    config = WebConfig(base=[str(tiny_base)], control=[str(tiny_control)], lora=[str(tiny_lora)], hide_embedded=True,
                        output_dir=str(tmp_path_factory.mktemp("web")))
     app = create_app(config)
     with running(app) as client:
@@ -138,6 +154,17 @@ def test_pipelines_are_cached_and_each_request_gets_its_own_scheduler(server, na
     assert server.get("/api/health").json()["loaded_pipelines"] == 1
 
 
+def test_lora_weights_apply_together_with_control(server, names, tiny_lora):
+    def generate(weight=None):
+        loras = [] if weight is None else [{"lora": "pytorch_lora_weights", "weight": weight}]
+        return server.post("/api/generate", json=request_body(names, loras=loras)).json()["images"][0]
+
+    plain, off, on = generate(), generate(0.0), generate(1.0)
+    assert np.allclose(np.asarray(decode(off)), np.asarray(decode(plain)), atol=1)
+    assert not np.allclose(np.asarray(decode(on)), np.asarray(decode(plain)), atol=1)
+    assert on["parameters"]["loras"] == [f"{tiny_lora}:1.0"]
+
+
 def test_several_images_get_consecutive_seeds(server, names):
     images = server.post("/api/generate", json=request_body(names, num_images=2, seed=10)).json()["images"]
     assert [x["seed"] for x in images] == [10, 11] == [x["parameters"]["seed"] for x in images]
@@ -164,11 +191,12 @@ def test_annotate(server):
         np.testing.assert_array_equal(np.asarray(edges), np.asarray(annotate("canny", photo).convert("RGB")))
 
 
-def test_models_and_health(server, tiny_base, tiny_control):
+def test_models_and_health(server, tiny_base, tiny_control, tiny_lora):
     models = server.get("/api/models").json()
     assert [m["path"] for m in models["bases"]] == [str(tiny_base)]
     assert [m["path"] for m in models["controls"]] == [str(tiny_control)]
-    assert models["annotators"][0] == "none" and "unipc" in models["schedulers"] and models["loras"] == []
+    assert models["annotators"][0] == "none" and "unipc" in models["schedulers"]
+    assert [(m["name"], m["path"]) for m in models["loras"]] == [("pytorch_lora_weights", str(tiny_lora))]
     health = server.get("/api/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu" and health["queue"]["capacity"] == 8
 
@@ -254,6 +282,18 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, names, 
     assert message in response.json()["error"]
     assert len(response.content) < 10_000  # errors never echo the payload back
     assert server.get("/api/health").json()["status"] == "ok"
+
+
+def test_an_internal_failure_answers_500_in_one_line_and_the_server_keeps_serving(server, names, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory\nlong details")
+
+    monkeypatch.setattr(server.app.state.engine, "generate", fail)
+    response = server.post("/api/generate", json=request_body(names))
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error: RuntimeError: out of memory"}
+    monkeypatch.undo()
+    assert server.post("/api/generate", json=request_body(names)).status_code == 200
 
 
 def test_the_web_ui_page_is_served(server):

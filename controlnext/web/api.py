@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -32,10 +33,12 @@ from .schemas import (
 )
 from .worker import ModelWorker, QueueFull
 
+logger = logging.getLogger(__name__)
 ERRORS = {
     400: {"model": ErrorResponse, "description": "the request names something this server cannot use"},
     413: {"model": ErrorResponse, "description": "the request body is too large"},
     422: {"model": ErrorResponse, "description": "a parameter is missing, of the wrong type or out of range"},
+    500: {"model": ErrorResponse, "description": "generation failed inside the server (see its log)"},
     503: {"model": ErrorResponse, "description": "the queue is full; retry after the Retry-After header's seconds"},
 }
 
@@ -68,12 +71,12 @@ def add_api_routes(app: FastAPI, engine: Engine, worker: ModelWorker) -> None:
     async def annotate(request: AnnotateRequest) -> AnnotateResponse:
         """Make a condition image from an image with an annotator (runs in the model's queue)."""
         future = worker.submit(lambda: encode_png(engine.annotate(request.annotator, request.image, request.options)))
-        return AnnotateResponse(image=await asyncio.wrap_future(future))
+        return AnnotateResponse(image=await outcome(future))
 
     @app.post("/api/generate", response_model=GenerateResponse, responses=ERRORS, tags=["api"])
     async def generate(request: GenerateRequest) -> GenerateResponse:
         """Generate images; each PNG carries its parameters (read them back with controlnext.metadata.read_parameters)."""
-        return await asyncio.wrap_future(worker.submit(generate_response, engine, request))
+        return await outcome(worker.submit(generate_response, engine, request))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -84,9 +87,29 @@ def add_api_routes(app: FastAPI, engine: Engine, worker: ModelWorker) -> None:
     async def refused(_: Request, error: ControlNextError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=400)
 
+    @app.exception_handler(JobFailed)
+    async def failed(_: Request, error: JobFailed) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=500)
+
     @app.exception_handler(QueueFull)
     async def busy(_: Request, error: QueueFull) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": str(error.retry_after)})
+
+
+class JobFailed(Exception):
+    """A job failed for a reason other than the request (a bug, memory): answered 500, logged in full."""
+
+
+async def outcome(future):
+    """The job's result; user errors pass through, anything else becomes JobFailed (logged with its traceback)."""
+    try:
+        return await asyncio.wrap_future(future)
+    except (ControlNextError, QueueFull):
+        raise
+    except Exception as error:
+        logger.exception("a job failed")
+        message = (str(error).splitlines() or [""])[0][:300]
+        raise JobFailed(f"internal error: {type(error).__name__}: {message}") from None
 
 
 def generate_response(engine: Engine, request: GenerateRequest) -> GenerateResponse:
