@@ -13,7 +13,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate", "annotate"]
+SUBCOMMANDS = ["generate", "annotate", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

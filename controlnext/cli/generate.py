@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-PARAMETERS_KEY = "controlnext"
+from ..metadata import PARAMETERS_KEY, read_parameters, save_with_parameters  # noqa: F401 (read_parameters: public here too)
 
 
 def add_parser(subparsers, parent) -> None:
@@ -167,19 +166,3 @@ def _nth(values, k, default=None):
     if not values:
         return default
     return values[k] if len(values) > 1 else values[0]
-
-
-def save_with_parameters(image, path: Path, params: dict) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text(PARAMETERS_KEY, json.dumps(params))
-    image.save(path, pnginfo=info)
-
-
-def read_parameters(path: str | Path) -> dict:
-    """The parameters stored in a PNG written by `controlnext generate`."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return json.loads(image.text[PARAMETERS_KEY])

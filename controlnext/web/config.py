@@ -1,0 +1,34 @@
+"""Settings of the web app; `controlnext serve` makes one flag per field from the help text here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class WebConfig:
+    host: str = _help("address to listen on (127.0.0.1: this machine only)", default="127.0.0.1")
+    port: int = _help("port to listen on", default=7860)
+    models_dir: list[str] = _help("folder of diffusers model folders, control folders and LoRA files (repeatable)",
+                                  default_factory=list)
+    base: list[str] = _help("a base model to offer: diffusers folder, .safetensors file or cached model id (repeatable)",
+                            default_factory=list)
+    control: list[str] = _help("a control folder to offer (repeatable)", default_factory=list)
+    lora: list[str] = _help("a LoRA .safetensors file to offer (repeatable)", default_factory=list)
+    hide_embedded: bool = _help("do not offer the models shipped in the package (default base, its controls)",
+                                default=False)
+    tiny_demo: bool = _help("also offer a tiny random model written to a temporary folder (shows the app working "
+                            "without any weights; its images are noise)", default=False)
+    device: str = _help("cpu, cuda, cuda:1, mps or auto", default="auto")
+    dtype: str | None = _help("fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on GPU)", default=None)
+    queue_size: int = _help("jobs that may wait or run at once; more are refused with 503 and Retry-After", default=8)
+    cache_size: int = _help("pipelines kept loaded (one per base, controls, task and LoRAs)", default=2)
+    max_body_mb: float = _help("largest request body in MB; larger ones get 413", default=20.0)
+    ui_units: int = _help("control units shown in the web UI", default=2)
+    output_dir: str | None = _help("folder for the web UI's images (default: a temporary folder)", default=None)
+    api_only: bool = _help("serve the HTTP API without the web UI", default=False)
+    threads: int | None = _help("CPU threads for torch (default: torch's choice)", default=None)
