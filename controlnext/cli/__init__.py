@@ -13,7 +13,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate"]
+SUBCOMMANDS = ["generate", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
