@@ -115,10 +115,10 @@ class TrainConfig:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def validate(self) -> "TrainConfig":
-        """Raise a one-line ControlNextError for values that cannot work."""
+    def validate(self, needs_data: bool = True) -> "TrainConfig":
+        """Raise a one-line ControlNextError for values that cannot work (`needs_data`: no examples given in Python)."""
         for item in dataclasses.fields(self):
-            if item.metadata.get("required") and not getattr(self, item.name):
+            if item.metadata.get("required") and not getattr(self, item.name) and (needs_data or item.name != "data"):
                 what = item.metadata["help"].split(":")[0]
                 raise ControlNextError(f"--{flag_name(item.name)} is required ({what}); see `controlnext train --help`")
             choices = item.metadata.get("choices")

@@ -65,6 +65,8 @@ class Rows:
 
     def __init__(self, name: str, rows, columns: list[str], config: TrainConfig, root: Path | None = None):
         self.name, self.rows, self.root = name, rows, root
+        if len(rows) == 0:
+            raise ControlNextError(f"data set {name} is empty; it needs at least one example")
         self.image_column = config.image_column
         self.condition_column = None if config.annotator else config.conditioning_image_column
         self.caption_column = config.caption_column

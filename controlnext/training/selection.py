@@ -83,7 +83,8 @@ def describe_counts(module: nn.Module, unet: nn.Module, selected: list[str]) -> 
     module_count, unet_count = count(module.parameters()), count(params[n] for n in selected)
     total = module_count + count(params.values())
     return (f"trainable parameters: {_millions(module_count + unet_count)} (control module {_millions(module_count)}"
-            f" + base UNet {_millions(unet_count)} in {len(selected)} tensors) of {_millions(total)} in total")
+            f" + base UNet {_millions(unet_count)} in {len(selected)} tensors) of {_millions(total)} in the module and "
+            "the base UNet")
 
 
 def _millions(n: int) -> str:

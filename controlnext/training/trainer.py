@@ -38,18 +38,14 @@ class ControlledUNet(nn.Module):
 
     def __init__(self, unet: nn.Module, control: nn.Module, scale: float = 1.0):
         super().__init__()
-        self.unet, self.control = unet, control
-        self.unit = ControlUnit(control, None, scale=scale, name="training")
-        self.attachment = attach_control(unet, self.unit, cfg=False)
+        self.unet, self.control, self.scale = unet, control, scale
 
     def forward(self, sample, timestep, encoder_hidden_states, condition, added_cond_kwargs=None) -> torch.Tensor:
         """Noisy latents (b, 4, h, w), timesteps, text (b, tokens, d), condition (b, 3, H, W) -> prediction (b, 4, h, w)."""
-        self.unit.condition = condition
-        try:
+        unit = ControlUnit(self.control, condition, scale=self.scale, name="training")
+        with attach_control(self.unet, unit, cfg=False):  # attached for this call only: the base stays unhooked
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                              return_dict=False)[0]
-        finally:
-            self.unit.condition = None
 
 
 def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: TrainConfig,
@@ -105,40 +101,32 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, examples=None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedType
 
-        self.config = config.validate()
+        self.config = config.validate(needs_data=examples is None)
+        self.metric = resolve_metric(config.validation_metric) if config.validation_every else None
         self.method: TrainingMethod = get_method(config.method)
         self.output = Path(config.output_dir)
+        AcceleratorState._reset_state()  # accelerate keeps one precision per process; each run sets its own
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_use_cpu(config),
                                        gradient_accumulation_steps=config.gradient_accumulation_steps)
         acc = self.accelerator
+        if acc.device.type == "cpu" and config.mixed_precision == "fp16":
+            raise ControlNextError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
         self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         self.resume_from = ckpt.resolve_resume(self.output, config.resume)
 
         self.dataset = ControlDataset(open_source(config, examples), config.resolution, config.annotator)
         self.base = load_training_base(config.base)
         self.control, init_weights = self._build_control()
-        unet = self.base.unet
-        self.patterns = resolve_patterns(unet, config.trainable, is_sdxl=self.base.is_sdxl,
-                                         spaced_every=config.spaced_every,
-                                         auto=self.method.auto_trainable(self.base.is_sdxl))
-        self.selected = select_parameters(unet, self.patterns)
-        params = dict(unet.named_parameters())
-        self.changed = sorted(set(self.selected) | set(init_weights), key=list(params).index)
-        self.original = {name: params[name].detach().float().cpu().clone() for name in self.changed}
-        with torch.no_grad():
-            for name, value in init_weights.items():
-                params[name].copy_(value)
-        unet.requires_grad_(False)
-        for name in self.selected:
-            params[name].requires_grad_(True)
-        self.control.requires_grad_(True).train()
-        acc.print(describe_counts(self.control, unet, self.selected))
+        self._select_trainable(init_weights)
+        acc.print(describe_counts(self.control, self.base.unet, self.selected))
 
-        self.model = ControlledUNet(unet, self.control, config.control_scale)
+        self.model = ControlledUNet(self.base.unet, self.control, config.control_scale)
         if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            self.base.unet.enable_gradient_checkpointing()
+        params = dict(self.base.unet.named_parameters())
         self.optimizer = make_optimizer(self.control, [params[n] for n in self.selected], config)
         from diffusers.optimization import get_scheduler
 
@@ -164,12 +152,32 @@ class Trainer:
         """A fresh control model for this base, or the one in --init-control with the base weights it changed."""
         config = self.config
         if not config.init_control:
-            return self.method.build(self.base.unet, config), {}
+            with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, whatever ran before
+                torch.manual_seed(derive_seed(config.seed, 0x1417))
+                return self.method.build(self.base.unet, config), {}
         loaded = load_control(config.init_control, self.base.unet)
         if loaded.method != config.method:
             raise ControlNextError(f"--init-control {config.init_control} holds a {loaded.method} control; "
                                    f"pass --method {loaded.method}")
         return loaded.model, dict(loaded.unet_weights or {})
+
+    def _select_trainable(self, init_weights: dict[str, torch.Tensor]) -> None:
+        """Freeze the base but the selected weights; remember the original values of every weight that changes."""
+        unet, config = self.base.unet, self.config
+        self.patterns = resolve_patterns(unet, config.trainable, is_sdxl=self.base.is_sdxl,
+                                         spaced_every=config.spaced_every,
+                                         auto=self.method.auto_trainable(self.base.is_sdxl))
+        self.selected = select_parameters(unet, self.patterns)
+        params = dict(unet.named_parameters())
+        self.changed = sorted(set(self.selected) | set(init_weights), key=list(params).index)
+        self.original = {name: params[name].detach().float().cpu().clone() for name in self.changed}
+        with torch.no_grad():
+            for name, value in init_weights.items():
+                params[name].copy_(value)
+        unet.requires_grad_(False)
+        for name in self.selected:
+            params[name].requires_grad_(True)
+        self.control.requires_grad_(True).train()
 
     def _place_frozen(self) -> None:
         """Frozen parts in the compute precision on the device; trainable weights stay fp32."""
@@ -223,7 +231,7 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.output)
             (self.output / "train_config.json").write_text(config.to_json())
-        metric = resolve_metric(config.validation_metric) if config.validation_every else None
+        metric = self.metric
         log = TrainingLog(self.output, metric[0] if metric else None, self.step if self.resume_from else None,
                           config.tensorboard, enabled=main)
         validation = validation_set(config, self.dataset) if config.validation_every else None
