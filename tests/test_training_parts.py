@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 from PIL import Image
-from training_helpers import circle_example, tiny_config, write_data_folder
+from training_helpers import circle_example, write_data_folder
 
 from controlnext import cli
 from controlnext.errors import ControlNextError

@@ -6,7 +6,7 @@ dependencies load on first use.
 
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "train", "METHODS", "GENERATED_DATA"]
+__all__ = ["GENERATED_DATA", "METHODS", "TrainConfig", "train"]
 
 
 def train(config: TrainConfig, examples=None):

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass
 class BaseModel:
     """UNet, VAE, text encoder(s) with tokenizer(s) and the training noise scheduler of one base model."""

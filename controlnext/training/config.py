@@ -115,7 +115,7 @@ class TrainConfig:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def validate(self, needs_data: bool = True) -> "TrainConfig":
+    def validate(self, needs_data: bool = True) -> TrainConfig:
         """Raise a one-line ControlNextError for values that cannot work (`needs_data`: no examples given in Python)."""
         for item in dataclasses.fields(self):
             if item.metadata.get("required") and not getattr(self, item.name) and (needs_data or item.name != "data"):
@@ -153,7 +153,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -161,7 +161,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
             values = json.loads(path.read_text())

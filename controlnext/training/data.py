@@ -115,7 +115,7 @@ def load_hf_dataset(path: Path):
     except ImportError:
         raise MissingDependencyError("datasets", "train") from None
     try:
-        if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        if path.is_dir() and not any(path.rglob("*.parquet")):
             data = datasets.load_from_disk(str(path))
         else:
             files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
@@ -129,28 +129,33 @@ def load_hf_dataset(path: Path):
 
 def open_source(config: TrainConfig, examples=None):
     """The configured data as an indexable source of examples; raise for missing, unreadable or empty data."""
+    path = Path(config.data)
     if examples is not None:
         source = PythonExamples(examples, config.generated_examples)
+    elif not path.exists() and config.data in GENERATED_DATA:
+        source = PythonExamples(GENERATED_DATA[config.data](config), config.generated_examples)
+        source.name = f"generated data set {config.data!r}"
+    elif path.is_dir() and (path / "metadata.jsonl").is_file():
+        rows, columns = read_metadata(path)
+        source = Rows(str(path), rows, columns, config, root=path)
+    elif _is_hf_data(path):
+        data = load_hf_dataset(path)
+        source = Rows(str(path), data, list(data.column_names), config, root=path if path.is_dir() else path.parent)
+    elif path.exists():
+        raise ControlNextError(f"--data {path}: no metadata.jsonl, saved Hugging Face dataset or parquet files there")
     else:
-        path = Path(config.data)
-        if not path.exists() and config.data in GENERATED_DATA:
-            source = PythonExamples(GENERATED_DATA[config.data](config), config.generated_examples)
-            source.name = f"generated data set {config.data!r}"
-        elif path.is_dir() and (path / "metadata.jsonl").is_file():
-            rows, columns = read_metadata(path)
-            source = Rows(str(path), rows, columns, config, root=path)
-        elif path.suffix == ".parquet" or (path.is_dir() and (any(path.rglob("*.parquet")) or (path / "dataset_info.json").is_file()
-                                                              or (path / "dataset_dict.json").is_file())):
-            data = load_hf_dataset(path)
-            source = Rows(str(path), data, list(data.column_names), config, root=path if path.is_dir() else path.parent)
-        elif path.exists():
-            raise ControlNextError(f"--data {path}: no metadata.jsonl, saved Hugging Face dataset or parquet files there")
-        else:
-            known = f"; generated data sets: {', '.join(GENERATED_DATA)}" if GENERATED_DATA else ""
-            raise ControlNextError(f"--data {config.data}: no such folder or file{known}")
+        known = f"; generated data sets: {', '.join(GENERATED_DATA)}" if GENERATED_DATA else ""
+        raise ControlNextError(f"--data {config.data}: no such folder or file{known}")
     if len(source) == 0:
-        raise ControlNextError(f"data set {config.data or source.name} is empty; it needs at least one example")
+        raise ControlNextError(f"data set {source.name} is empty; it needs at least one example")
     return source
+
+
+def _is_hf_data(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".parquet"
+    saved = ("dataset_info.json", "dataset_dict.json", "state.json")
+    return path.is_dir() and (any((path / name).is_file() for name in saved) or any(path.rglob("*.parquet")))
 
 
 def _as_image(value: Any, root: Path | None, where: str) -> Image.Image:

@@ -8,9 +8,9 @@ inference does. Loading back goes through `controlnext.control.loading.LOADERS` 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

@@ -116,6 +116,8 @@ class Trainer:
             raise ControlNextError("--mixed-precision fp16 needs a GPU; use bf16 on the CPU")
         self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         self.resume_from = ckpt.resolve_resume(self.output, config.resume)
+        if config.resume == "latest" and self.resume_from is None:
+            acc.print(f"no checkpoint in {self.output}: starting a new run")
 
         self.dataset = ControlDataset(open_source(config, examples), config.resolution, config.annotator)
         self.base = load_training_base(config.base)
@@ -313,7 +315,9 @@ class Trainer:
         if not self.sharded:
             params = dict(self.base.unet.named_parameters())
             return self.control, {name: params[name] for name in self.changed}
-        state = self.accelerator.get_state_dict(self.prepared)  # full tensors on the main process
+        state = self.accelerator.get_state_dict(self.prepared)  # a collective: full tensors on the main process
+        if not self.accelerator.is_main_process:
+            return self.control, {}
         module = type(self.control).from_config(self.control.config)
         module.load_state_dict({k.removeprefix("control."): v for k, v in state.items() if k.startswith("control.")})
         return module, {name: state[f"unet.{name}"] for name in self.changed}
