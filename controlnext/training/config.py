@@ -109,7 +109,8 @@ class TrainConfig:
     validation_sampling_steps: int = option(20, "DDIM steps for validation images")
     guidance_scale: float = option(7.5, "classifier-free guidance scale for validation images")
     validation_metric: str = option("auto", "control-fidelity metric logged at validation (auto: edge_f1 when "
-                                    "controlnext.metrics is installed)", choices=("auto", "edge_f1", "mask_iou", "none"))
+                                    "controlnext.metrics is installed)",
+                                    choices=("auto", "edge_f1", "mask_iou", "none"))
     tensorboard: bool = option(True, "also log to TensorBoard when tensorboard is installed")
     progress_bar: bool = option(True, "show a progress bar")
 

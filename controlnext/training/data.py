@@ -227,7 +227,8 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     B of them, so the order depends only on (seed, position) and resuming at a position repeats it.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(self, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0):
         self.n, self.batch_size, self.seed = num_examples, batch_size, seed
         self.rank, self.world_size, self.start = rank, world_size, start
         self._permutations: dict[int, torch.Tensor] = {}

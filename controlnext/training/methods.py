@@ -23,10 +23,10 @@ from .config import TrainConfig
 
 @dataclass(frozen=True)
 class TrainingMethod:
-    """build(base_unet, config) -> control model; save(path, model, unet_weights, original_weights, increments, metadata)."""
+    """How to build a fresh control model for a base UNet and how to save a trained one."""
 
-    build: Callable[[nn.Module, TrainConfig], nn.Module]
-    save: Callable[..., Path]
+    build: Callable[[nn.Module, TrainConfig], nn.Module]  # (base UNet, config) -> control model
+    save: Callable[..., Path]  # (path, model, unet_weights, *, original_weights, increments, metadata) -> path
     auto_trainable: Callable[[bool], str]  # is_sdxl -> the preset "--trainable auto" means
 
 

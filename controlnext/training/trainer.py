@@ -41,7 +41,7 @@ class ControlledUNet(nn.Module):
         self.unet, self.control, self.scale = unet, control, scale
 
     def forward(self, sample, timestep, encoder_hidden_states, condition, added_cond_kwargs=None) -> torch.Tensor:
-        """Noisy latents (b, 4, h, w), timesteps, text (b, tokens, d), condition (b, 3, H, W) -> prediction (b, 4, h, w)."""
+        """Latents (b, 4, h, w), timesteps, text (b, tokens, d), condition (b, 3, H, W) -> prediction (b, 4, h, w)."""
         unit = ControlUnit(self.control, condition, scale=self.scale, name="training")
         with attach_control(self.unet, unit, cfg=False):  # attached for this call only: the base stays unhooked
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
@@ -50,7 +50,7 @@ class ControlledUNet(nn.Module):
 
 def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: TrainConfig,
                    generator: torch.Generator, device) -> torch.Tensor:
-    """|| target - model(x_t, t, text, condition) ||^2 with target = noise, velocity or latents (the scheduler's type)."""
+    """|| target - model(x_t, t, text, condition) ||^2, target = noise, velocity or latents (the scheduler's type)."""
     scheduler = base.noise_scheduler
     latents = base.encode_images(batch["pixel_values"].to(device), generator)  # (b, 4, h, w)
     b = latents.shape[0]
@@ -249,14 +249,14 @@ class Trainer:
             speed = 1.0 / max(time.perf_counter() - clock, 1e-9)  # steps per second, data loading included
             self.step += 1
             self.examples_seen += per_step
-            score = self._validate(validation, metric, log) if config.validation_every and self.step % config.validation_every == 0 else None
+            score = self._validate(validation, metric, log) if _due(self.step, config.validation_every) else None
             lrs = self.lr_scheduler.get_last_lr()
             log.write(self.step, {"epoch": self.examples_seen / len(self.dataset), "loss": loss, "lr": lrs[-1],
                                   "module_lr": lrs[0], "grad_norm": grad_norm, "steps_per_second": speed,
                                   **({log.columns[-1]: score} if metric else {})})
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            if _due(self.step, config.checkpoint_every):
                 self.save_checkpoint()
                 last_saved = self.step
         bar.close()
@@ -280,7 +280,8 @@ class Trainer:
                 loss = diffusion_loss(self.prepared, self.base, batch, config, generator, acc.device)
                 acc.backward(loss)
                 if acc.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = float(acc.clip_grad_norm_(self.trainable, config.max_grad_norm))
+                    norm = acc.clip_grad_norm_(self.trainable, config.max_grad_norm)  # None under DeepSpeed
+                    grad_norm = None if norm is None else float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach()
@@ -345,7 +346,8 @@ class Trainer:
                 ckpt.write_json(folder / ckpt.STATE_FILE, self._state())
             else:
                 trainable = {n: p for n, p in acc.unwrap_model(self.prepared).named_parameters() if p.requires_grad}
-                ckpt.save_training_state(folder, trainable, self.optimizer, self.lr_scheduler, acc.scaler, self._state())
+                ckpt.save_training_state(folder, trainable, self.optimizer, self.lr_scheduler, acc.scaler,
+                                         self._state())
             self._export(folder / "control", module, unet_weights)
 
         path = ckpt.write_atomically(acc, self.output, self.step, write_main, write_each)
@@ -368,6 +370,10 @@ class Trainer:
             os.replace(partial / name, self.output / name)
         partial.rmdir()
         ckpt.fsync_path(self.output)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def _use_cpu(config: TrainConfig) -> bool:
