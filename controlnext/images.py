@@ -73,12 +73,16 @@ def resize_and_crop(
     image: Image.Image, width: int, height: int, resample: Image.Resampling = Image.BICUBIC
 ) -> Image.Image:
     """Scale `image` to cover (width, height), then centre-crop to exactly that size."""
-    scale = max(width / image.width, height / image.height)
-    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    new_size, (top, left) = cover_and_crop_box(image.width, image.height, width, height)
     image = image.resize(new_size, resample)
-    left = (image.width - width) // 2
-    top = (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
+
+
+def cover_and_crop_box(image_width: int, image_height: int, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (width, height) that covers the target and the (top, left) of the centre crop `resize_and_crop` takes."""
+    scale = max(width / image_width, height / image_height)
+    new_size = (max(width, round(image_width * scale)), max(height, round(image_height * scale)))
+    return new_size, ((new_size[1] - height) // 2, (new_size[0] - width) // 2)
 
 
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")

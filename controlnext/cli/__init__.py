@@ -13,7 +13,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate", "annotate", "serve"]
+SUBCOMMANDS = ["generate", "annotate", "train", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

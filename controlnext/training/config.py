@@ -1,0 +1,220 @@
+"""The training configuration: one typed dataclass whose fields carry their help text; the CLI is built from it.
+
+Fields marked `resume=True` shape the training trajectory (what is trained, on what, how fast), so a
+checkpoint only resumes under the same values; the others (how long, how often to save or validate,
+where to log) may change between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ControlNextError
+
+SELECTION_PRESETS = ("auto", "sd15", "sdxl", "spaced", "none")
+
+
+def option(default, help: str, *, resume: bool = False, choices: tuple | None = None, required: bool = False):
+    """A dataclass field with CLI help; `resume` marks fields a checkpoint must agree with."""
+    metadata = {"help": help, "resume": resume, "choices": choices, "required": required}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs; saved as train_config.json beside the outputs."""
+
+    # -- base model and control -------------------------------------------------------------------
+    base: str = option("", "base model: a local diffusers folder (StableDiffusionPipeline or StableDiffusionXLPipeline "
+                       "layout: unet, vae, text_encoder, tokenizer, scheduler), a model id in the offline Hugging "
+                       "Face cache or a single .safetensors file (default: the embedded default model)")
+    method: str = option("controlnext", "control method to train (a name in controlnext.training.METHODS)", resume=True)
+    module_variant: str | None = option(None, "build the control module as a named official layout (sdxl, sd15, "
+                                        "sd15-v1, svd) instead of --module-config", resume=True)
+    module_config: str | None = option(None, "control module sizes: a JSON object or a .json file of ControlNeXtModel "
+                                       "arguments (default: the v2 sizes); the injection point and out_channels "
+                                       "follow the base model unless given", resume=True)
+    init_control: str | None = option(None, "start from saved control weights (our folder or an official release) "
+                                      "instead of a freshly initialised module", resume=True)
+    trainable: list[str] = option(["auto"], "base UNet weights to train besides the module: presets (auto: sdxl for "
+                                  "an SDXL base, else sd15; sd15: names containing to_out; sdxl: .*attn2.*to_out.*; "
+                                  "spaced: to_out of every k-th transformer block; none: module only) and/or "
+                                  "regular expressions searched in parameter names", resume=True)
+    spaced_every: int = option(2, "with --trainable spaced: train the attention outputs of every k-th transformer "
+                               "block, counted from the first", resume=True)
+    control_scale: float = option(1.0, "strength of the control while training (saved as the recommended scale)",
+                                  resume=True)
+
+    # -- data -----------------------------------------------------------------------------------------
+    data: str = option("", "training data: a folder with metadata.jsonl; a Hugging Face dataset folder "
+                       "(save_to_disk) or parquet file(s) or a folder of them (fill50k layout); or the name of a "
+                       "generated data set (controlnext.training.data.GENERATED_DATA)", required=True)
+    image_column: str = option("image", "column with the target image (a path relative to the data folder, or an "
+                               "image in a Hugging Face dataset)", resume=True)
+    conditioning_image_column: str = option("conditioning_image", "column with the condition image", resume=True)
+    caption_column: str = option("text", "column with the caption", resume=True)
+    annotator: str | None = option(None, "make each condition from its image on the fly with this annotator "
+                                   "(controlnext.annotators) instead of reading the condition column", resume=True)
+    resolution: int = option(512, "training size in pixels (square); images and conditions of another size are "
+                             "resized so that the short side equals it, then centre-cropped", resume=True)
+    generated_examples: int = option(50_000, "number of examples of a generated data set", resume=True)
+    empty_prompt_ratio: float = option(0.1, "share of captions replaced by the empty prompt, so that classifier-free "
+                                       "guidance works with the control", resume=True)
+    num_workers: int = option(0, "data loading worker processes")
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    max_steps: int = option(1000, "optimizer steps to train for (a resumed run continues up to this step)")
+    batch_size: int = option(4, "examples per process and micro-batch", resume=True)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", resume=True)
+    learning_rate: float = option(1e-5, "learning rate of the selected base UNet weights", resume=True)
+    module_learning_rate: float | None = option(None, "learning rate of the control module (default: 10 x "
+                                                "--learning-rate)", resume=True)
+    weight_decay: float = option(1e-2, "AdamW weight decay", resume=True)
+    lr_scheduler: str = option("constant", "learning-rate schedule after the warm-up", resume=True,
+                               choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: int = option(0, "optimizer steps of linear learning-rate warm-up", resume=True)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", resume=True)
+    use_8bit_adam: bool = option(False, "use bitsandbytes' 8-bit AdamW (needs bitsandbytes)", resume=True)
+    mixed_precision: str = option("no", "compute precision; trainable weights and optimizer state stay fp32",
+                                  resume=True, choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass to save memory")
+    seed: int = option(0, "seed of the data order, noise, timesteps and empty prompts", resume=True)
+    cpu: bool = option(False, "train on the CPU even when a GPU is present")
+
+    # -- checkpoints and output ------------------------------------------------------------------------
+    output_dir: str = option("", "folder for the trained control (loadable by generate), checkpoints, logs and "
+                             "validation images", required=True)
+    checkpoint_every: int = option(500, "save a resumable checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = option(3, "keep the last K checkpoints (0: keep all)")
+    resume: str | None = option(None, "continue from 'latest' (the newest checkpoint in --output-dir, if any) or "
+                                "from a checkpoint folder")
+    save_increments: bool = option(False, "store the trained base weights as increments over the original base "
+                                   "weights instead of absolute values")
+
+    # -- watching it learn -----------------------------------------------------------------------------
+    validation_every: int = option(500, "generate validation images every N optimizer steps (0: never)")
+    validation_images: list[str] = option([], "condition image files for validation (default: the conditions of "
+                                          "the first --validation-examples examples of the data)")
+    validation_prompts: list[str] = option([], "prompts for the validation conditions (one for all, or one each; "
+                                           "default: the examples' captions)")
+    validation_examples: int = option(4, "how many data examples to validate on when no --validation-images")
+    validation_sampling_steps: int = option(20, "DDIM steps for validation images")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale for validation images")
+    validation_metric: str = option("auto", "control-fidelity metric logged at validation (auto: edge_f1 when "
+                                    "controlnext.metrics is installed)",
+                                    choices=("auto", "edge_f1", "mask_iou", "none"))
+    tensorboard: bool = option(True, "also log to TensorBoard when tensorboard is installed")
+    progress_bar: bool = option(True, "show a progress bar")
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def validate(self, needs_data: bool = True) -> TrainConfig:
+        """Raise a one-line ControlNextError for values that cannot work (`needs_data`: no examples given in Python)."""
+        for item in dataclasses.fields(self):
+            if item.metadata.get("required") and not getattr(self, item.name) and (needs_data or item.name != "data"):
+                what = item.metadata["help"].split(":")[0]
+                raise ControlNextError(f"--{flag_name(item.name)} is required ({what}); see `controlnext train --help`")
+            choices = item.metadata.get("choices")
+            if choices and getattr(self, item.name) not in choices:
+                raise ControlNextError(f"--{flag_name(item.name)} must be one of {', '.join(choices)}, "
+                                       f"not {getattr(self, item.name)!r}")
+        positive = ("resolution", "batch_size", "gradient_accumulation_steps", "max_steps", "spaced_every",
+                    "validation_sampling_steps", "generated_examples")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ControlNextError(f"--{flag_name(name)} must be positive, not {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ControlNextError(f"--resolution {self.resolution} is not a multiple of 8; pass e.g. "
+                                   f"{max(8, round(self.resolution / 8) * 8)}")
+        if not 0 <= self.empty_prompt_ratio <= 1:
+            raise ControlNextError(f"--empty-prompt-ratio must lie in [0, 1], not {self.empty_prompt_ratio}")
+        if self.module_variant and self.module_config:
+            raise ControlNextError("give either --module-variant or --module-config, not both")
+        if self.init_control and (self.module_variant or self.module_config):
+            raise ControlNextError("--init-control brings its own module; drop --module-variant/--module-config")
+        return self
+
+    @property
+    def module_lr(self) -> float:
+        return self.module_learning_rate if self.module_learning_rate is not None else 10 * self.learning_rate
+
+    def resume_fields(self) -> dict:
+        """The values a checkpoint records and a resumed run must repeat."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("resume")}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ControlNextError(f"unknown training option(s) {', '.join(unknown)}; see `controlnext train --help`")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ControlNextError(f"cannot read training configuration {path}: {error}") from None
+        return cls.from_dict(values)
+
+
+# -- command-line flags from the dataclass --------------------------------------------------------------
+
+def flag_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per field, typed from its annotation; values left out stay absent (argparse.SUPPRESS)."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        kind = hints[item.name]
+        help_text = item.metadata["help"]
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if default not in (None, "", [], False):
+            help_text += f" (default: {default})"
+        kwargs: dict = dict(help=help_text, default=argparse.SUPPRESS, dest=item.name)
+        if item.metadata.get("choices"):
+            kwargs["choices"] = item.metadata["choices"]
+        base_kind = _strip_optional(kind)
+        if base_kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base_kind) is list:
+            kwargs.update(nargs="*", type=typing.get_args(base_kind)[0], metavar=_metavar(item.name).removesuffix("S"))
+        else:
+            kwargs.update(type=base_kind)
+            if not item.metadata.get("choices"):
+                kwargs["metavar"] = {int: "N", float: "X"}.get(base_kind, _metavar(item.name))
+        parser.add_argument(f"--{flag_name(item.name)}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
+    """Fields given on the command line over those of --config FILE over the defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    config_file = getattr(args, "config", None)
+    values = dataclasses.asdict(cls.from_json(config_file)) if config_file else {}
+    return cls.from_dict({**values, **given})
+
+
+def _metavar(name: str) -> str:
+    return name.split("_")[-1].upper()
+
+
+def _strip_optional(kind):
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        return args[0]
+    return kind

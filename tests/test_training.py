@@ -1,0 +1,276 @@
+"""Training a control in-process on tiny components: it learns, touches only what it should, saves what loads."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_helpers import circle_example, losses, tiny_config, write_data_folder
+
+from controlnext.control import ControlUnit, attach_control
+from controlnext.control.loading import load_control
+from controlnext.errors import ControlNextError, MissingDependencyError
+from controlnext.testing import tiny_controlnext
+from controlnext.training.base import load_training_base
+from controlnext.training.data import collate
+from controlnext.training.trainer import Trainer, diffusion_loss, make_optimizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data_folder(tmp_path_factory.mktemp("data"), count=4)
+
+
+def fixed_loss(trainer: Trainer, batch: dict, seeds=range(8)) -> float:
+    """The loss on one batch, averaged over fixed noise and timesteps."""
+    with torch.no_grad():
+        return float(np.mean([float(diffusion_loss(trainer.model, trainer.base, batch, trainer.config,
+                                                   torch.Generator().manual_seed(s), "cpu")) for s in seeds]))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    """16 steps on two examples, with the loss on them before and after, and the weights before."""
+    torch.set_num_threads(1)
+    examples = [circle_example(0), circle_example(1)]
+    config = tiny_config(tiny_base, "", tmp_path_factory.mktemp("run") / "out", max_steps=16, checkpoint_every=8,
+                         keep_checkpoints=1, generated_examples=2)
+    trainer = Trainer(config, examples)
+    batch = collate([trainer.dataset[0], trainer.dataset[1]])
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    frozen = {name: p.detach().clone() for m in (trainer.base.vae, *trainer.base.text_encoders)
+              for name, p in m.named_parameters()}
+    loss_before = fixed_loss(trainer, batch)
+    output = trainer.run()
+    return types.SimpleNamespace(trainer=trainer, batch=batch, before=before, frozen=frozen, output=output,
+                                 loss_before=loss_before, loss_after=fixed_loss(trainer, batch))
+
+
+def test_training_lowers_the_loss(trained):
+    assert trained.loss_after < 0.99 * trained.loss_before
+    assert len(losses(trained.output)) == 16
+
+
+def test_only_the_selected_weights_change(trained):
+    trainer = trained.trainer
+    assert trainer.selected and all("to_out" in name for name in trainer.selected)  # the sd15 preset ("auto")
+    for name, param in trainer.model.named_parameters():
+        changed = not torch.equal(param.detach(), trained.before[name])
+        trainable = name.startswith("control.") or name.removeprefix("unet.") in trainer.selected
+        assert changed == trainable, name
+    for module in (trainer.base.vae, *trainer.base.text_encoders):
+        for name, param in module.named_parameters():
+            assert torch.equal(param, trained.frozen[name]), name
+
+
+def prediction(unet, control, unet_weights, batch, seed=5):
+    """One UNet prediction with `control` attached the way generate does."""
+    g = torch.Generator().manual_seed(seed)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 16, generator=g)
+    unit = ControlUnit(control, batch["conditioning"], unet_weights=unet_weights)
+    with attach_control(unet, unit, cfg=False), torch.no_grad():
+        return unet(sample, torch.tensor([10, 700]), text).sample
+
+
+@pytest.mark.parametrize("increments", [False, True])
+def test_saved_control_predicts_like_the_trained_model(trained, tiny_base, tmp_path, increments):
+    trainer = trained.trainer
+    expected = prediction(trainer.base.unet, trainer.control, None, trained.batch)
+    folder = trained.output
+    if increments:
+        folder = trainer.method.save(tmp_path / "increments", trainer.control,
+                                     {n: p for n, p in trainer.base.unet.named_parameters() if n in trainer.changed},
+                                     original_weights=trainer.original, increments=True, metadata={})
+        stored = load_file(str(folder / "unet.safetensors"))
+        name = trainer.selected[0]
+        delta = dict(trainer.base.unet.named_parameters())[name].detach() - trainer.original[name]
+        assert torch.equal(stored[name], delta)
+    fresh = load_training_base(tiny_base).unet  # the original base weights
+    loaded = load_control(folder, fresh)
+    assert set(loaded.unet_weights) == set(trainer.selected)
+    torch.testing.assert_close(prediction(fresh, loaded.model, loaded.unet_weights, trained.batch), expected,
+                               rtol=0, atol=1e-6 if increments else 0)
+
+
+def test_checkpoints_hold_the_state_and_the_export(trained):
+    checkpoints = sorted((trained.output / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["checkpoint-000016"]  # keep_checkpoints=1
+    folder = checkpoints[0]
+    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "random_states_0.pt", "trainer_state.json",
+            "control"} <= {p.name for p in folder.iterdir()}
+    saved = load_file(str(folder / "trainable.safetensors"))
+    live = dict(trained.trainer.model.named_parameters())
+    assert set(saved) == {n for n, p in live.items() if p.requires_grad}
+    assert all(torch.equal(saved[n], live[n].detach()) and saved[n].dtype == torch.float32 for n in saved)
+    assert load_control(folder / "control").metadata["steps"] == 16
+
+
+def test_mixed_precision_keeps_trainable_weights_and_optimizer_state_fp32(tiny_base, data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_base, data, tmp_path / "out", mixed_precision="bf16", max_steps=2))
+    trainer.run()
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    frozen_unet = [p for p in trainer.base.unet.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.bfloat16 for p in frozen_unet)
+    states = [trainer.optimizer.state[p] for p in trainable]
+    assert all(s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in states)
+    assert all(np.isfinite(v) for v in losses(tmp_path / "out").values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_base, data, tmp_path / "out"))
+    batch = collate([trainer.dataset[0], trainer.dataset[1]])
+
+    def gradients():
+        trainer.model.zero_grad()
+        diffusion_loss(trainer.model, trainer.base, batch, trainer.config, torch.Generator().manual_seed(0),
+                       "cpu").backward()
+        return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    trainer.model.train()
+    plain = gradients()
+    trainer.base.unet.enable_gradient_checkpointing()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_gives_the_module_ten_times_the_base_rate(tiny_base, data, tmp_path, monkeypatch):
+    config = tiny_config(tiny_base, data, tmp_path, learning_rate=2e-5)
+    control, weight = tiny_controlnext(), torch.nn.Parameter(torch.zeros(3))
+    optimizer = make_optimizer(control, [weight], config)
+    assert [group["lr"] for group in optimizer.param_groups] == [2e-4, 2e-5]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    config.use_8bit_adam = True
+    with pytest.raises(MissingDependencyError, match="bitsandbytes"):
+        make_optimizer(control, [weight], config)
+
+
+def test_sdxl_base_gets_pooled_text_and_size_conditioning(tmp_path):
+    """A tiny SDXL-like base: the UNet receives text_embeds and time_ids (original size, crop corner, target)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from controlnext.testing import tiny_sdxl_components
+
+    base = tmp_path / "sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components(folder=tmp_path / "tok")).save_pretrained(base)
+    image, condition, caption = circle_example(0, size=(96, 64))  # landscape: resized to 64 high, cropped in width
+    config = tiny_config(base, "", tmp_path / "out", max_steps=2, generated_examples=1, validation_every=2,
+                         validation_sampling_steps=2, validation_metric="none")
+    trainer = Trainer(config, [(image, condition, caption)])
+    assert trainer.control.injection == "conv_in" and trainer.control.config.out_channels == 8
+    assert trainer.selected and all(".attn2.to_out" in name for name in trainer.selected)
+    seen = {}
+    trainer.base.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs["added_cond_kwargs"]), with_kwargs=True)
+    batch = collate([trainer.dataset[0]])
+    diffusion_loss(trainer.model, trainer.base, batch, config, torch.Generator().manual_seed(0), "cpu")
+    assert seen["time_ids"].tolist() == [[64, 96, 0, 16, 64, 64]]  # (h, w) original, (top, left) crop, target
+    assert seen["text_embeds"].shape == (1, 16)
+    trainer.run()
+    assert len(losses(tmp_path / "out")) == 2
+    assert (tmp_path / "out" / "validation" / "step-000002.png").is_file()
+    assert load_control(tmp_path / "out", trainer.base.unet).model.injection == "conv_in"
+
+
+def test_validation_saves_a_grid_and_logs_fidelity(tiny_base, data, tmp_path, monkeypatch):
+    calls = []
+
+    def edge_f1(condition, generated):
+        calls.append((condition.size, generated.size))
+        return 0.25
+
+    monkeypatch.setitem(sys.modules, "controlnext.metrics", types.SimpleNamespace(edge_f1=edge_f1))
+    config = tiny_config(tiny_base, data, tmp_path / "out", max_steps=2, validation_every=2, validation_examples=3,
+                         validation_sampling_steps=2)
+    Trainer(config).run()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "out" / "validation" / "step-000002.png")
+    assert grid.size == (2 * 64, 3 * 64)  # one row per example: condition | generated
+    assert calls == [((64, 64), (64, 64))] * 3
+    rows = (tmp_path / "out" / "log.csv").read_text().splitlines()
+    assert rows[0].endswith("fidelity_edge_f1") and rows[1].endswith(",") and rows[2].endswith(",0.25")
+
+
+# -- errors: one clear line each ----------------------------------------------------------------------------
+
+def _other_base(tiny_base, tmp_path):
+    """The tiny base with a UNet of another architecture (wider time embedding is enough to differ)."""
+    import json
+    import shutil
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_base, other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    config["norm_eps"] = 1e-6
+    (other / "unet" / "config.json").write_text(json.dumps(config))
+    return other
+
+
+ERRORS = [
+    ("missing column", dict(caption_column="caption"), "has no column 'caption'"),
+    ("empty data", "empty", "is empty"),
+    ("pattern selects nothing", dict(trainable=["no_such_layer"]), "selects no UNet parameter"),
+    ("bad pattern", dict(trainable=["to_out("]), "not a valid regular expression"),
+    ("weights for another base", "wide control", "made for a base model with 16 channels"),
+    ("resume another configuration", dict(learning_rate=1e-4, resume="latest"), "--learning-rate"),
+    ("resume on another base", "other base", "trained on another base model"),
+    ("explicit metric missing", dict(validation_every=1, validation_metric="mask_iou"), "controlnext.metrics"),
+    ("fp16 on the CPU", dict(mixed_precision="fp16", cpu=True), "fp16 needs a GPU"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_bad_input_is_one_clear_error(case, change, message, trained, tiny_base, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "controlnext.metrics", None)
+    config = tiny_config(tiny_base, data, tmp_path / "out")
+    if isinstance(change, dict):
+        for name, value in change.items():
+            setattr(config, name, value)
+    if case.startswith("resume"):
+        config.output_dir, config.data, config.generated_examples = str(trained.output), "", 2
+        config.max_steps, config.checkpoint_every, config.keep_checkpoints = 16, 8, 1
+        config.resume = "latest"
+    if change == "empty":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "metadata.jsonl").write_text("\n")
+        config.data = str(tmp_path / "empty")
+    if change == "wide control":
+        from controlnext.control.loading import save_controlnext
+
+        config.module_config = None
+        config.init_control = str(save_controlnext(tmp_path / "wide", tiny_controlnext(out_channels=16)))
+    if change == "other base":
+        config.base = str(_other_base(tiny_base, tmp_path))
+    examples = [circle_example(0), circle_example(1)] if case.startswith("resume") else None
+    with pytest.raises(ControlNextError, match=message) as error:
+        Trainer(config, examples).run()
+    assert "\n" not in str(error.value)
+
+
+def test_init_control_starts_from_saved_weights(trained, tiny_base, data, tmp_path):
+    config = tiny_config(tiny_base, data, tmp_path / "out", module_config=None, init_control=str(trained.output),
+                         trainable=["none"], max_steps=1)
+    trainer = Trainer(config)
+    saved = trained.trainer.control.state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in trainer.control.state_dict().items())
+    assert trainer.selected == [] and trainer.changed == trained.trainer.selected
+    trainer.run()
+    exported = load_file(str(tmp_path / "out" / "unet.safetensors"))  # still carries the weights it started from
+    trained_unet = dict(trained.trainer.base.unet.named_parameters())
+    assert exported.keys() == set(trained.trainer.selected)
+    assert all(torch.equal(exported[name], trained_unet[name].detach()) for name in exported)
