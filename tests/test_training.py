@@ -166,7 +166,7 @@ def test_sdxl_base_gets_pooled_text_and_size_conditioning(tmp_path):
     from controlnext.testing import tiny_sdxl_components
 
     base = tmp_path / "sdxl"
-    StableDiffusionXLPipeline(**tiny_sdxl_components(folder=tmp_path / "tok")).save_pretrained(base)
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(base)
     image, condition, caption = circle_example(0, size=(96, 64))  # landscape: resized to 64 high, cropped in width
     config = tiny_config(base, "", tmp_path / "out", max_steps=2, generated_examples=1, validation_every=2,
                          validation_sampling_steps=2, validation_metric="none")
