@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ControlNextError
+from .loading import check_fits
 
 ApplyTo = Literal["both", "cond"]
 
@@ -80,6 +81,7 @@ class ControlAttachment:
             raise ControlNextError(f"apply_to must be 'both' or 'cond', not {self.apply_to!r}")
         params = dict(self.unet.named_parameters())
         for unit in self.units:
+            check_fits(unit.model, self.unet, f"control {unit.name or type(unit.model).__name__!r}")
             for name, value in (unit.unet_weights or {}).items():
                 if name not in params or params[name].shape != value.shape:
                     raise ControlNextError(
