@@ -110,6 +110,8 @@ class ControlAttachment:
         self._handles.clear()
         self._pending.clear()
         self._use_weights_of([])
+        for unit in self.units:
+            getattr(unit.model, "clear_cache", lambda: None)()  # features kept for the generation's condition
 
     def _use_weights_of(self, units: list[ControlUnit]) -> None:
         """Give the UNet its base weights plus the trained changes of `units` (free when unchanged)."""
