@@ -12,7 +12,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate", "annotate"]
+SUBCOMMANDS = ["generate", "annotate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
