@@ -43,11 +43,15 @@ def test_flops_rank_the_methods_and_the_stem_is_what_the_first_step_adds():
 
 def test_timing_returns_every_configuration_with_medians_and_spread():
     result = measure_overhead(64, repeats=2, warmup=1, setup=tiny_setup())
-    timing = result["timing"]
-    assert set(timing["seconds"]) == {"base", "controlnext", "controlnext_first_step", "controlnet"}
-    assert all(len(values) == 2 and min(values) > 0 for values in timing["seconds"].values())
-    assert set(timing["overhead"]) == set(timing["overhead_iqr"]) == {"controlnext", "controlnext_first_step", "controlnet"}
-    assert timing["median"]["controlnext_precompute"] > 0 and all(v >= 0 for v in timing["iqr"].values())
+    assert set(result["timing"]) == {"wall", "cpu"}
+    for timing in result["timing"].values():
+        assert set(timing["seconds"]) == {"base", "controlnext", "controlnext_first_step", "controlnet"}
+        assert all(len(values) == 2 and min(values) > 0 for values in timing["seconds"].values())
+        overheads = {"controlnext", "controlnext_first_step", "controlnet"}
+        assert set(timing["overhead"]) == set(timing["overhead_iqr"]) == set(timing["fastest_overhead"]) == overheads
+        assert timing["precompute"] > 0 and all(v >= 0 for v in timing["iqr"].values())
+        base = timing["seconds"]["base"]
+        assert timing["fastest_overhead"]["controlnet"] == pytest.approx(min(timing["seconds"]["controlnet"]) / min(base) - 1)
     assert result["resolution"] == 64 and result["batch"] == 2 and result["repeats"] == 2
 
 
@@ -63,7 +67,7 @@ def test_results_merge_per_resolution_and_render_as_tables(tmp_path):
     assert sorted(json.loads(path.read_text())["overhead"]) == ["128", "64"] and results["overhead"]["128"]["threads"] == 7
     text = render_markdown(results)
     assert "| sd15 | ControlNet | 361.28M |" in text
-    assert "| 64 px (latent 8) |" in text and "| 128 px | 7 |" in text and "test cpu" in text
+    assert "| 64 px (latent 8) |" in text and "| 128 px | cpu | 7 |" in text and "test cpu" in text
 
 
 def test_cli_parser_and_bad_resolution():

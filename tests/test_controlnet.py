@@ -235,3 +235,22 @@ def test_training_through_the_attachment_reaches_the_zero_convolutions():
     # zero convolutions start at zero yet receive gradients (Sec. 3.1), so training moves away from the base
     assert controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0
     assert all(conv.weight.grad.abs().sum() > 0 for conv in controlnet.controlnet_down_blocks)
+
+
+def test_sdxl_style_added_conditions_reach_the_controlnet_rows_it_runs_on():
+    unet = tiny_unet(addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
+    controlnet = tiny_controlnet(unet)
+    sample, t, text, condition = inputs(batch=4)
+    g = torch.Generator().manual_seed(5)
+    added = {"text_embeds": torch.randn(4, 8, generator=g), "time_ids": torch.rand(4, 6, generator=g) * 512}
+    cond_rows = {k: v[2:] for k, v in added.items()}
+    with torch.no_grad():
+        base = unet(sample, t, text, added_cond_kwargs=added).sample
+        with attach_control(unet, ControlUnit(controlnet, condition[:2]), apply_to="cond"):
+            got = unet(sample, t, text, added_cond_kwargs=added).sample
+        down, mid = controlnet(sample[2:], t, text[2:], controlnet_cond=condition[:2], added_cond_kwargs=cond_rows,
+                               return_dict=False)
+        expected = unet(sample[2:], t, text[2:], added_cond_kwargs=cond_rows, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+    assert torch.equal(got[:2], base[:2])
+    torch.testing.assert_close(got[2:], expected, rtol=1e-5, atol=1e-6)

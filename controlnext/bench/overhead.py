@@ -97,31 +97,37 @@ def count_flops(setup: StepSetup) -> dict:
 
 
 def time_steps(setup: StepSetup, repeats: int = 5, warmup: int = 1) -> dict:
-    """Seconds per step of each configuration, interleaved; medians, IQRs and per-round ratios to the base."""
-    seconds: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    """Seconds per step of each configuration, interleaved, as wall-clock and as this process's CPU time.
+
+    On a machine shared with other work, wall-clock time also counts the waits for a free core; CPU time
+    counts only the step's own work. Each clock gets medians, IQRs, and overheads as the median of
+    per-round ratios to the base step (paired: same round, same load) and as fastest over fastest.
+    """
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    seconds = {clock: {name: [] for name in CONFIGURATIONS} for clock in clocks}
     units = setup.units()
     with torch.inference_mode(), attach_control(setup.unet, units):
         for round_index in range(warmup + repeats):
             for name in CONFIGURATIONS:
                 _configure(setup, units, name)
-                start = time.perf_counter()
-                setup.step()
-                elapsed = time.perf_counter() - start
+                elapsed = _timed(clocks, setup.step)
                 if round_index >= warmup:
-                    seconds[name].append(elapsed)
-        precompute = []
-        for _ in range(max(repeats, 3)):
-            start = time.perf_counter()
-            setup.controlnext.precompute(setup.condition)
-            precompute.append(time.perf_counter() - start)
-    base = seconds["base"]
-    result = {"seconds": seconds, "median": {}, "iqr": {}, "overhead": {}, "overhead_iqr": {}}
-    for name, values in seconds.items():
-        result["median"][name], result["iqr"][name] = _median_iqr(values)
-        if name != "base":
-            ratios = [value / b - 1 for value, b in zip(values, base)]  # paired: same round, same machine load
-            result["overhead"][name], result["overhead_iqr"][name] = _median_iqr(ratios)
-    result["median"]["controlnext_precompute"], result["iqr"]["controlnext_precompute"] = _median_iqr(precompute)
+                    for clock, value in elapsed.items():
+                        seconds[clock][name].append(value)
+        precompute = [_timed(clocks, lambda: setup.controlnext.precompute(setup.condition)) for _ in range(3)]
+    result = {}
+    for clock, per_config in seconds.items():
+        base = per_config["base"]
+        summary = {"seconds": per_config, "median": {}, "iqr": {}, "overhead": {}, "overhead_iqr": {},
+                   "fastest_overhead": {}}
+        for name, values in per_config.items():
+            summary["median"][name], summary["iqr"][name] = _median_iqr(values)
+            if name != "base":
+                ratios = [value / b - 1 for value, b in zip(values, base)]
+                summary["overhead"][name], summary["overhead_iqr"][name] = _median_iqr(ratios)
+                summary["fastest_overhead"][name] = min(values) / min(base) - 1
+        summary["precompute"] = statistics.median(p[clock] for p in precompute)
+        result[clock] = summary
     return result
 
 
@@ -157,6 +163,12 @@ def _configure(setup: StepSetup, units: list[ControlUnit], name: str) -> None:
     units[0].scale, units[1].scale, first_step = CONFIGURATIONS[name]
     if first_step:
         setup.controlnext.clear_cache()
+
+
+def _timed(clocks: dict, call) -> dict[str, float]:
+    start = {clock: read() for clock, read in clocks.items()}
+    call()
+    return {clock: read() - start[clock] for clock, read in clocks.items()}
 
 
 def _median_iqr(values: list[float]) -> tuple[float, float]:

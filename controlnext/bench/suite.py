@@ -40,8 +40,9 @@ def run_benchmarks(
         machine["torch_threads"] = run["threads"]
         results = update_results(results_path, overhead={**run, "machine": machine})
         Path(output_path).write_text(render_markdown(results, command))
-        log(f"{resolution} px: ControlNeXt {run['timing']['overhead']['controlnext']:+.1%}, "
-            f"ControlNet {run['timing']['overhead']['controlnet']:+.1%} over a base step of "
-            f"{run['timing']['median']['base']:.2f} s")
+        for clock in ("wall", "cpu"):
+            timing = run["timing"][clock]
+            log(f"{resolution} px, {clock} time: ControlNeXt {timing['overhead']['controlnext']:+.1%}, ControlNet "
+                f"{timing['overhead']['controlnet']:+.1%} over a base step of {timing['median']['base']:.2f} s")
     Path(output_path).write_text(render_markdown(results, command))
     return results

@@ -20,7 +20,7 @@ BASE_FIELDS = ("in_channels", "block_out_channels", "layers_per_block", "cross_a
 
 
 class ControlNet(ControlNetModel):
-    """Condition (b, 3, H, W) in [0, 1] + the UNet's inputs -> residuals for its skips and mid block (Eq. 4)."""
+    """Condition (b, 3, H, W) in [0, 1] + the UNet's inputs -> residuals for its skips and mid block (Eq. 2)."""
 
     injection = "residuals"
     shares_across_cfg = False  # reads the prompt, so each CFG half needs its own pass
