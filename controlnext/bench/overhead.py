@@ -27,6 +27,10 @@ CONFIGURATIONS = {
 }
 
 
+# The control models alone, timed in each round too: their share of a base step without the UNet's noise.
+MODULE_CALLS = ("controlnext_module", "controlnet_module")
+
+
 @dataclass
 class StepSetup:
     """A UNet, one control of each method and the inputs of one denoising step under CFG."""
@@ -46,6 +50,14 @@ class StepSetup:
 
     def step(self) -> torch.Tensor:
         return self.unet(self.sample, self.timestep, self.text).sample
+
+    def module_call(self, name: str):
+        """One control model's own call as the attachment makes it (ControlNeXt once, ControlNet on the batch)."""
+        if name == "controlnext_module":
+            return self.controlnext.control_features(self.condition, self.timestep.reshape(1), {})
+        condition = self.condition.repeat(self.sample.shape[0] // self.condition.shape[0], 1, 1, 1)  # (2b, 3, H, W)
+        inputs = {"sample": self.sample, "encoder_hidden_states": self.text}
+        return self.controlnet.control_features(condition, self.timestep.expand(self.sample.shape[0]), inputs)
 
 
 def make_setup(unet, controlnext, controlnet, resolution: int, images: int = 1, tokens: int = 77, seed: int = 0) -> StepSetup:
@@ -97,20 +109,23 @@ def count_flops(setup: StepSetup) -> dict:
 
 
 def time_steps(setup: StepSetup, repeats: int = 5, warmup: int = 1) -> dict:
-    """Seconds per step of each configuration, interleaved, as wall-clock and as this process's CPU time.
+    """Seconds per step of each configuration and per control model call, interleaved, in two clocks.
 
     On a machine shared with other work, wall-clock time also counts the waits for a free core; CPU time
     counts only the step's own work. Each clock gets medians, IQRs, and overheads as the median of
     per-round ratios to the base step (paired: same round, same load) and as fastest over fastest.
     """
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    seconds = {clock: {name: [] for name in CONFIGURATIONS} for clock in clocks}
+    seconds = {clock: {name: [] for name in (*CONFIGURATIONS, *MODULE_CALLS)} for clock in clocks}
     units = setup.units()
     with torch.inference_mode(), attach_control(setup.unet, units):
         for round_index in range(warmup + repeats):
-            for name in CONFIGURATIONS:
-                _configure(setup, units, name)
-                elapsed = _timed(clocks, setup.step)
+            for name in (*CONFIGURATIONS, *MODULE_CALLS):
+                if name in CONFIGURATIONS:
+                    _configure(setup, units, name)
+                    elapsed = _timed(clocks, setup.step)
+                else:
+                    elapsed = _timed(clocks, lambda: setup.module_call(name))
                 if round_index >= warmup:
                     for clock, value in elapsed.items():
                         seconds[clock][name].append(value)

@@ -111,6 +111,17 @@ def _overhead_tables(runs: list[dict]) -> list[str]:
                 f"| {run['resolution']} px | {clock} | {run['threads']} | {run['repeats']} (+{run['warmup']}) | "
                 f"{timing['median']['base']:.2f} s ({timing['iqr']['base']:.2f}) | " + " | ".join(cells)
                 + f" | {timing['precompute']:.2f} s |")
+    lines += ["", "### The control models alone", "",
+              "Each round also times the control model's own call as the attachment makes it (ControlNeXt once per "
+              "condition with its stem cached, ControlNet on the CFG batch): a share of the base step that the "
+              "UNet's run-to-run noise does not blur.", "",
+              "| resolution | clock | ControlNeXt module, median (IQR) | share of a base step | ControlNet, median (IQR) "
+              "| share of a base step |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        for clock, timing in run["timing"].items():
+            cells = [f"{timing['median'][m]:.3f} s ({timing['iqr'][m]:.3f}) | {timing['overhead'][m]:+.1%} "
+                     f"(IQR {timing['overhead_iqr'][m]:.1%})" for m in ("controlnext_module", "controlnet_module")]
+            lines.append(f"| {run['resolution']} px | {clock} | " + " | ".join(cells) + " |")
     lines += ["", "### Machines", ""]
     for run in runs:
         machine = run["machine"]
