@@ -46,6 +46,25 @@ def byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
+def tiny_controlnet(unet=None, seed: int = 0, zero_convs: bool = False):
+    """A ControlNet copied from `unet` (default `tiny_unet()`), condition 8x the latent size.
+
+    With `zero_convs=False` the zero convolutions get random weights, so the control is visible in tests.
+    """
+    from .models import ControlNet
+
+    unet = unet if unet is not None else tiny_unet()
+    torch.manual_seed(seed)
+    model = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8)).eval()
+    if not zero_convs:
+        zero = [model.controlnet_cond_embedding.conv_out, model.controlnet_mid_block, *model.controlnet_down_blocks]
+        with torch.no_grad():
+            for conv in zero:
+                conv.weight.normal_(0, 0.3)
+                conv.bias.normal_(0, 0.1)
+    return model
+
+
 def write_clip_tokenizer(folder: Path, max_length: int = 16) -> None:
     """A character-level CLIP tokenizer (byte alphabet, no merges) as vocab.json + merges.txt."""
     chars = byte_alphabet()

@@ -1,8 +1,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
+
+
+# Tiny test models run thousands of small ops; on a machine shared with other work a second thread makes
+# each op wait for a busy core.
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

@@ -13,7 +13,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate", "annotate", "train", "serve"]
+SUBCOMMANDS = ["generate", "annotate", "train", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ControlNextError
+from .loading import check_fits
 
 ApplyTo = Literal["both", "cond"]
 
@@ -80,6 +81,7 @@ class ControlAttachment:
             raise ControlNextError(f"apply_to must be 'both' or 'cond', not {self.apply_to!r}")
         params = dict(self.unet.named_parameters())
         for unit in self.units:
+            check_fits(unit.model, self.unet, f"control {unit.name or type(unit.model).__name__!r}")
             for name, value in (unit.unet_weights or {}).items():
                 if name not in params or params[name].shape != value.shape:
                     raise ControlNextError(
@@ -108,6 +110,8 @@ class ControlAttachment:
         self._handles.clear()
         self._pending.clear()
         self._use_weights_of([])
+        for unit in self.units:
+            getattr(unit.model, "clear_cache", lambda: None)()  # features kept for the generation's condition
 
     def _use_weights_of(self, units: list[ControlUnit]) -> None:
         """Give the UNet its base weights plus the trained changes of `units` (free when unchanged)."""
@@ -173,6 +177,8 @@ class ControlAttachment:
         sample = inputs["sample"]
         batch = sample.shape[0]
         timestep = torch.as_tensor(inputs["timestep"], device=sample.device).reshape(-1)
+        # one timestep for the batch is known without reading the values (no device sync; meta tensors work)
+        same_t = timestep.numel() == 1 or bool((timestep == timestep[0]).all())
         timestep = timestep.expand(batch) if timestep.numel() == 1 else timestep
         fraction, next_fraction = self._schedule_position(timestep)
 
@@ -184,7 +190,7 @@ class ControlAttachment:
             if unit.condition is None:
                 raise ControlNextError(f"control {unit.name or unit.model.injection!r} has no condition image")
             cfg, half = self._layout(batch, unit.condition.shape[0])
-            features, rows = self._run_unit(unit, timestep, inputs, cfg, half)
+            features, rows = self._run_unit(unit, timestep, same_t, inputs, cfg, half)
             scale = torch.full((batch,), float(unit.scale), device=sample.device, dtype=sample.dtype)
             if cfg and self.apply_to == "cond":
                 scale[:half] = 0
@@ -197,13 +203,12 @@ class ControlAttachment:
             kwargs = _add_residuals(kwargs, residuals, len(args))
         return args, kwargs
 
-    def _run_unit(self, unit, timestep, inputs, cfg, half):
+    def _run_unit(self, unit, timestep, same_t, inputs, cfg, half):
         """Run a control model on the fewest rows that give its output for the whole UNet batch."""
         model = unit.model
         batch = timestep.shape[0]
         condition = unit.condition.to(device=model.device, dtype=model.dtype)  # (bc, c, H, W)
         per_half = half // condition.shape[0]
-        same_t = bool((timestep == timestep[0]).all())
         if model.shares_across_cfg:
             if same_t:
                 features = model.control_features(condition, timestep[:1], inputs)  # (bc, ...)

@@ -1,27 +1,29 @@
-"""Saving and loading controls: our format and the official ControlNeXt release layouts.
+"""Saving and loading controls: our format, the official ControlNeXt release layouts, and ControlNets.
 
 Our format is a folder: the module's `config.json` + `diffusion_pytorch_model.safetensors` (diffusers
 save_pretrained), `control.json` (method, how the base tensors are stored, recommended scale) and, when
 base weights were trained, `unet.safetensors` with only those tensors. The official layout is a module
 file (`controlnet.safetensors` or `.bin`) beside a UNet file of trained tensors, absolute or as
-increments (`unet_weight_increasements.*`), possibly in LDM key names.
+increments (`unet_weight_increasements.*`), possibly in LDM key names. A ControlNet is a diffusers
+ControlNet folder (ours adds `control.json`) or an original single-file checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ControlNextError
-from ..models import VARIANTS, ControlNeXtModel
+from ..models import VARIANTS, ControlNet, ControlNeXtModel
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 MODULE_FILES = ("controlnet.safetensors", "controlnext.safetensors", "controlnet.bin", "controlnext.bin")
@@ -117,16 +119,22 @@ def injection_width(unet, injection: str) -> int:
     return channels[-1] if injection == "mid_block" else channels[0]
 
 
-def check_fits(model: ControlNeXtModel, unet, source: str) -> None:
-    """Raise a one-line error when a ControlNeXt module was made for a base of another width."""
-    if unet is None or model.injection == "residuals":
+def check_fits(model: nn.Module, unet, source: str) -> None:
+    """Raise a one-line error when a control was made for a base of another shape."""
+    if unet is None:
         return
-    want, have = model.config.out_channels, injection_width(unet, model.injection)
-    if want != have:
-        raise ControlNextError(
-            f"{source} was made for a base model with {want} channels at {model.injection}, but this base has "
-            f"{have}; use the base model the control was trained for"
-        )
+    if isinstance(model, ControlNet):
+        mismatch = model.base_mismatch(unet)
+        if mismatch:
+            raise ControlNextError(f"{source} is a ControlNet made for another base model ({mismatch}); "
+                                   "use the base model it was trained for")
+    elif isinstance(model, ControlNeXtModel):
+        want, have = model.config.out_channels, injection_width(unet, model.injection)
+        if want != have:
+            raise ControlNextError(
+                f"{source} was made for a base model with {want} channels at {model.injection}, but this base "
+                f"has {have}; use the base model the control was trained for"
+            )
 
 
 def check_unet_weights(unet, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -250,18 +258,107 @@ def save_controlnext(
     return path
 
 
+# -- ControlNet ----------------------------------------------------------------------------------------
+
+def is_diffusers_controlnet(folder: Path) -> bool:
+    """True for a folder whose config.json is a diffusers ControlNetModel's."""
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetModel"
+
+
+def load_controlnet(
+    path: str | Path,
+    unet=None,
+    *,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> LoadedControl:
+    """Load a ControlNet from our folder, a diffusers ControlNet folder, or an original single file.
+
+    A single file needs its architecture: `config` (a diffusers ControlNet folder, or a base model's
+    UNet folder), else the base `unet`'s config, else whatever diffusers finds offline in the HF cache.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ControlNextError(f"control weights not found: {path}")
+    metadata: dict = {}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ControlNextError(f"no ControlNet in {path}: expected config.json beside the weights")
+        metadata = json.loads((path / "control.json").read_text()) if (path / "control.json").is_file() else {}
+        try:
+            model = ControlNet.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+        except (OSError, ValueError, RuntimeError) as error:
+            hint = "" if allow_pickle else " (pickled weights need --allow-pickle)"
+            raise ControlNextError(f"cannot load the ControlNet in {path}{hint}: {str(error).splitlines()[0]}") from None
+    else:
+        model = _controlnet_from_single_file(path, unet, config, allow_pickle)
+    check_fits(model, unet, str(path))
+    return LoadedControl(model.eval(), "controlnet", None, float(metadata.get("scale", 1.0)), str(path), metadata)
+
+
+def _controlnet_from_single_file(path: Path, unet, config, allow_pickle: bool) -> ControlNet:
+    checkpoint = read_tensors(path, allow_pickle)
+    with tempfile.TemporaryDirectory(prefix="controlnext-config-") as scratch:
+        if config is not None:
+            config = Path(config)
+            if not (config / "config.json").is_file() and (config / "unet" / "config.json").is_file():
+                config = config / "unet"  # a whole pipeline folder: its UNet describes the ControlNet
+            if not (config / "config.json").is_file():
+                raise ControlNextError(f"{config} has no config.json; pass a diffusers ControlNet folder or a UNet folder")
+        elif unet is not None:
+            unet.save_config(scratch)  # the ControlNet copies the base encoder: the UNet's config describes it
+            config = scratch
+        try:
+            model = ControlNet.from_single_file(
+                checkpoint, config=None if config is None else str(config), local_files_only=True)
+        except Exception as error:  # diffusers raises many types for a missing config or mismatched keys
+            reason = (str(error).splitlines() or [""])[0].split(". ")[0]
+            raise ControlNextError(
+                f"cannot build a ControlNet from {path.name} ({type(error).__name__}: {reason}); pass "
+                "config=<a diffusers ControlNet folder or the base model's unet folder> that matches the file"
+            ) from None
+    if any(p.is_meta for p in model.parameters()):
+        raise ControlNextError(f"{path.name} lacks weights the given config needs; pass the config it was made with")
+    return model
+
+
+def save_controlnet(path: str | Path, model: ControlNet, *, metadata: dict | None = None) -> Path:
+    """Save a ControlNet in our format: a diffusers ControlNet folder plus control.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "control.json").write_text(json.dumps({"method": "controlnet", **(metadata or {})}, indent=2))
+    return path
+
+
+def guess_method(path: Path) -> str:
+    """The method of a control without control.json: a diffusers ControlNet folder or file, else ControlNeXt."""
+    if path.is_dir():
+        return "controlnet" if is_diffusers_controlnet(path) else "controlnext"
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                keys = list(weights.keys())
+        except (SafetensorError, OSError):
+            return "controlnext"  # let the loader report the bad file
+        if any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in keys):
+            return "controlnet"
+    return "controlnext"
+
+
 # -- methods registry ----------------------------------------------------------------------------------
 
 # A control method is one loader here; `load_control` reads `control.json` to pick it.
-LOADERS: dict[str, Callable[..., LoadedControl]] = {"controlnext": load_controlnext}
+LOADERS: dict[str, Callable[..., LoadedControl]] = {"controlnext": load_controlnext, "controlnet": load_controlnet}
 
 
 def load_control(path: str | Path, unet=None, *, method: str | None = None, **options) -> LoadedControl:
-    """Load a control of any method; the method comes from `control.json`, else the argument, else ControlNeXt."""
+    """Load a control of any method: the argument, else `control.json`, else guessed from the files."""
     path = Path(path)
     if method is None and path.is_dir() and (path / "control.json").is_file():
         method = json.loads((path / "control.json").read_text()).get("method")
-    method = method or "controlnext"
+    method = method or guess_method(path)
     if method not in LOADERS:
         raise ControlNextError(f"unknown control method {method!r}; known: {', '.join(LOADERS)}")
     return LOADERS[method](path, unet, **options)

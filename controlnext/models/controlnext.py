@@ -8,6 +8,7 @@ key for key; any other size is plain configuration.
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
@@ -123,6 +124,7 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
             mid = [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
         self.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(channels, out_channels, 1)])
         self.scale = nn.Parameter(torch.tensor(1.0)) if learnable_scale else None
+        self._cache = None  # (weak ref to the condition, key, precomputed features) of the last condition
 
     shares_across_cfg = True  # the output depends on the condition and timestep only, not on the prompt
 
@@ -131,7 +133,10 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         return self.config.injection
 
     def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, unet_inputs: dict) -> torch.Tensor:
-        return self(condition, timestep)
+        """The attachment's call: at inference the timestep-free part is computed once per condition tensor."""
+        if torch.is_grad_enabled():
+            return self(condition, timestep)
+        return self(condition, timestep, precomputed=self.cached_precompute(condition))
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "ControlNeXtModel":
@@ -158,10 +163,45 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         t = t.expand(batch) if t.numel() == 1 else t
         return self.time_embedding(self.time_proj(t).to(dtype))  # (b, time_embed_dim)
 
-    def forward(self, condition: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        emb = self.embed_time(timestep, condition.shape[0], condition.dtype)  # (b, 256)
+    def precompute(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part that does not depend on the timestep: the stem and the first block up to its conv1."""
         x = self.embedding(condition) if self.embedding is not None else condition  # (b, 128, H/2, W/2)
-        for res, down in zip(self.down_res, self.down_sample):
+        block = self.down_res[0]
+        return x, block.conv1(block.nonlinearity(block.norm1(x)))  # block input, (b, c_0, H/2, W/2)
+
+    def cached_precompute(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`precompute(condition)`, reused while the same tensor comes back unchanged to unchanged weights."""
+        first = self.down_res[0].conv1.weight
+        key = (_version(condition), first.device, first.dtype, *(_version(p) for p in self._precomputed_params()))
+        if self._cache is not None and self._cache[0]() is condition and self._cache[1] == key:
+            return self._cache[2]
+        value = self.precompute(condition)
+        self._cache = (weakref.ref(condition), key, value)
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop the precomputed features of the last condition."""
+        self._cache = None
+
+    def _precomputed_params(self):
+        block = self.down_res[0]
+        stem = self.embedding.parameters() if self.embedding is not None else ()
+        return (*stem, *block.norm1.parameters(), *block.conv1.parameters())
+
+    def forward(
+        self,
+        condition: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        precomputed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        emb = self.embed_time(timestep, condition.shape[0], condition.dtype)  # (b, 256)
+        if precomputed is None:
+            x = self.embedding(condition) if self.embedding is not None else condition  # (b, 128, H/2, W/2)
+            blocks = zip(self.down_res, self.down_sample)
+        else:
+            x = self.down_sample[0](_resume_resnet(self.down_res[0], *precomputed, emb))  # (b, c_0, H/4, W/4)
+            blocks = zip(self.down_res[1:], self.down_sample[1:])
+        for res, down in blocks:
             x = down(res(x, emb))  # (b, c_i, H/2^(i+2), W/2^(i+2))
         x = self.mid_convs[0](x) + x if self.config.mid_residual else self.mid_convs[0](x)
         return self.mid_convs[1](x)  # (b, out_channels, H/8, W/8)
@@ -175,3 +215,19 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         else:
             control = F.adaptive_avg_pool2d(cross_normalize(control, x, eps, mode), x.shape[-2:])
         return x + control * (scale * self.output_multiplier)
+
+
+def _resume_resnet(block: ResnetBlock2D, x: torch.Tensor, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """ResnetBlock2D's forward from after its conv1 (h), with the block's own layers; x is the block input."""
+    h = h + block.time_emb_proj(block.nonlinearity(emb))[:, :, None, None]  # (b, c, h, w)
+    h = block.conv2(block.dropout(block.nonlinearity(block.norm2(h))))  # (b, c, h, w)
+    shortcut = block.conv_shortcut(x) if block.conv_shortcut is not None else x
+    return (shortcut + h) / block.output_scale_factor
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place modification counter; inference-mode tensors have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1

@@ -1,0 +1,36 @@
+"""The UNet architectures of Stable Diffusion 1.5 and SDXL as data (public config facts, no weights)."""
+
+from __future__ import annotations
+
+# stable-diffusion-v1-5 unet/config.json (the fields that differ from diffusers' defaults)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+# stable-diffusion-xl-base-1.0 unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+# Per base: its UNet, the ControlNeXt variant of its release and the UNet weights ControlNeXt trains (DESIGN.md).
+ARCHITECTURES = {
+    "sd15": dict(unet=SD15_UNET, controlnext_variant="sd15", trained_unet_pattern=r"to_out"),
+    "sdxl": dict(unet=SDXL_UNET, controlnext_variant="sdxl", trained_unet_pattern=r".*attn2.*to_out.*"),
+}
+
+
+def build_unet(name: str, device: str = "meta"):
+    """A UNet2DConditionModel of the named architecture; random weights, on the meta device by default."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel(**ARCHITECTURES[name]["unet"]).eval()

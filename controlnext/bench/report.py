@@ -1,0 +1,137 @@
+"""Benchmark results as JSON (accumulated across runs) and as the tables of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+# The papers' figures, for the tables' last column.
+PAPER = {
+    ("sd15", "controlnext"): "~30M", ("sd15", "controlnet"): "361M",
+    ("sdxl", "controlnext"): "~108M", ("sdxl", "controlnet"): "1.251B",
+}
+METHODS = {"controlnext": "ControlNeXt", "controlnext_first_step": "ControlNeXt, first step", "controlnet": "ControlNet"}
+
+
+def machine_info() -> dict:
+    """What the timings ran on: CPU, threads, load, library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "controlnext"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+        "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None) -> dict:
+    """Merge new results into the JSON file at `path` (one overhead entry per resolution) and return all."""
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.is_file() else {"parameters": {}, "overhead": {}}
+    for entry in parameters or []:
+        results["parameters"][entry["architecture"]] = entry
+    if overhead is not None:
+        results["overhead"][str(overhead["resolution"])] = overhead
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def render_markdown(results: dict, command: str = "controlnext bench") -> str:
+    """BENCHMARKS.md from accumulated results."""
+    lines = ["# Benchmarks", "", f"Produced by `{command}` (library: `controlnext.bench`). Random weights: these are",
+             "architecture costs, the same for any checkpoint of that architecture.", ""]
+    if results.get("parameters"):
+        lines += ["## Parameters", "",
+                  "Built from the public UNet configs on the meta device. ControlNeXt trains its module plus the "
+                  "selected base weights (which replace base weights, adding nothing at inference); ControlNet "
+                  "trains and adds a copy of the encoder (`ControlNetModel.from_unet`).", "",
+                  "| base | method | trainable | added at inference | total at inference | paper (trainable) |",
+                  "|---|---|---|---|---|---|"]
+        for name, entry in results["parameters"].items():
+            lines.append(f"| {name} | (base UNet) | - | - | {_m(entry['base_unet'])} | - |")
+            cnx, cn = entry["controlnext"], entry["controlnet"]
+            lines.append(f"| {name} | ControlNeXt: module {_m(cnx['module'])} + UNet `{cnx['trained_unet_pattern']}` "
+                         f"{_m(cnx['trained_unet'])} | {_m(cnx['trainable'])} | {_m(cnx['added'])} | "
+                         f"{_m(cnx['total'])} | {PAPER[(name, 'controlnext')]} |")
+            lines.append(f"| {name} | ControlNet | {_m(cn['trainable'])} | {_m(cn['added'])} | {_m(cn['total'])} | "
+                         f"{PAPER[(name, 'controlnet')]} |")
+        lines.append("")
+    runs = [results["overhead"][key] for key in sorted(results.get("overhead", {}), key=int)]
+    if runs:
+        lines += _overhead_tables(runs)
+    return "\n".join(lines) + "\n"
+
+
+def _overhead_tables(runs: list[dict]) -> list[str]:
+    lines = ["## Inference overhead of one denoising step", "",
+             "SD1.5 UNet architecture, classifier-free guidance (UNet batch 2, one condition image), "
+             "`torch.inference_mode`. ControlNeXt (the SD1.5 release layout, added after `down_blocks[0]`) runs "
+             "once per condition for both CFG halves; its timestep-free stem is computed on a generation's first "
+             "step and reused after (\"first step\" drops that cache before the step). ControlNet runs on both "
+             "halves, as diffusers' pipelines do.", "",
+             "### FLOPs (torch.utils.flop_counter, independent of the machine)", "",
+             "| resolution | base | " + " | ".join(METHODS.values()) + " | ControlNeXt stem (once) |",
+             "|---|---|" + "---|" * len(METHODS) + "---|"]
+    for run in runs:
+        flops = run["flops"]
+        cells = [f"{flops[m] / 1e9:.1f} G (+{run['overhead'][m]:.1%})" for m in METHODS]
+        lines.append(f"| {run['resolution']} px (latent {run['latent']}) | {flops['base'] / 1e9:.1f} G | "
+                     + " | ".join(cells) + f" | {flops['controlnext_precompute'] / 1e9:.1f} G |")
+    lines += ["", "### Time on CPU", "",
+              "Configurations timed interleaved in each round (base, ControlNeXt, ControlNeXt first step, "
+              "ControlNet, base, ...). Overhead: the median over rounds of (step / base step of the same round) - 1, "
+              "its interquartile range (IQR), and the fastest step over the fastest base step. Wall-clock time "
+              "includes waiting for a core on this shared machine; CPU time (this process's) counts only the "
+              "step's own work.", "",
+              "| resolution | clock | threads | rounds (+warm-up) | base step, median (IQR) | "
+              + " | ".join(f"{label} overhead" for label in METHODS.values()) + " | ControlNeXt stem (once) |",
+              "|---|---|---|---|---|" + "---|" * len(METHODS) + "---|"]
+    for run in runs:
+        for clock, timing in run["timing"].items():
+            cells = [f"{timing['overhead'][m]:+.1%} (IQR {timing['overhead_iqr'][m]:.1%}; fastest "
+                     f"{timing['fastest_overhead'][m]:+.1%})" for m in METHODS]
+            lines.append(
+                f"| {run['resolution']} px | {clock} | {run['threads']} | {run['repeats']} (+{run['warmup']}) | "
+                f"{timing['median']['base']:.2f} s ({timing['iqr']['base']:.2f}) | " + " | ".join(cells)
+                + f" | {timing['precompute']:.2f} s |")
+    lines += ["", "### The control models alone", "",
+              "Each round also times the control model's own call as the attachment makes it (ControlNeXt once per "
+              "condition with its stem cached, ControlNet on the CFG batch): a share of the base step that the "
+              "UNet's run-to-run noise does not blur.", "",
+              "| resolution | clock | ControlNeXt module, median (IQR) | share of a base step | ControlNet, median (IQR) "
+              "| share of a base step |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        for clock, timing in run["timing"].items():
+            cells = [f"{timing['median'][m]:.3f} s ({timing['iqr'][m]:.3f}) | {timing['overhead'][m]:+.1%} "
+                     f"(IQR {timing['overhead_iqr'][m]:.1%})" for m in ("controlnext_module", "controlnet_module")]
+            lines.append(f"| {run['resolution']} px | {clock} | " + " | ".join(cells) + " |")
+    lines += ["", "### Machines", ""]
+    for run in runs:
+        machine = run["machine"]
+        versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+        lines.append(f"- {run['resolution']} px, {machine['date']}: {machine['cpu']}, {machine['cpu_count']} cores, "
+                     f"{run['threads']} torch threads, load average {machine['load_average']} at the start and "
+                     f"{machine.get('load_average_after', '?')} at the end (the machine is shared with other work); "
+                     f"Python {machine['python']}, {versions}.")
+    return lines + [""]
+
+
+def _m(count: int) -> str:
+    return f"{count / 1e6:.2f}M"
