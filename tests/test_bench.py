@@ -52,6 +52,8 @@ def test_timing_returns_every_configuration_with_medians_and_spread():
         assert timing["precompute"] > 0 and all(v >= 0 for v in timing["iqr"].values())
         base = timing["seconds"]["base"]
         assert timing["fastest_overhead"]["controlnet"] == pytest.approx(min(timing["seconds"]["controlnet"]) / min(base) - 1)
+        shares = [m / b for m, b in zip(timing["seconds"]["controlnet_module"], base)]
+        assert timing["overhead"]["controlnet_module"] == pytest.approx(sum(shares) / 2)  # a share, not an excess
     assert result["resolution"] == 64 and result["batch"] == 2 and result["repeats"] == 2
 
 

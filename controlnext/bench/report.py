@@ -79,13 +79,29 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _summary(runs: list[dict]) -> list[str]:
+    """One row per resolution: each method's overhead by FLOPs, by CPU time of the step, and of its model alone."""
+    lines = ["| resolution | ControlNeXt: FLOPs | step (CPU time) | module alone | ControlNet: FLOPs | step (CPU time) "
+             "| model alone |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        timing = run["timing"]["cpu"]
+        cells = []
+        for method in ("controlnext", "controlnet"):
+            cells += [f"+{run['overhead'][method]:.1%}", f"{timing['overhead'][method]:+.1%}",
+                      f"+{timing['overhead'][method + '_module']:.1%}"]
+        lines.append(f"| {run['resolution']} px | " + " | ".join(cells) + " |")
+    return lines + ["", "Papers (GPU, SD1.5): ControlNet +41.9%, ControlNeXt +10.4% (run on both CFG halves). "
+                    "Target here: ControlNeXt at most +5% at 512 px under CFG.", ""]
+
+
 def _overhead_tables(runs: list[dict]) -> list[str]:
     lines = ["## Inference overhead of one denoising step", "",
              "SD1.5 UNet architecture, classifier-free guidance (UNet batch 2, one condition image), "
              "`torch.inference_mode`. ControlNeXt (the SD1.5 release layout, added after `down_blocks[0]`) runs "
              "once per condition for both CFG halves; its timestep-free stem is computed on a generation's first "
              "step and reused after (\"first step\" drops that cache before the step). ControlNet runs on both "
-             "halves, as diffusers' pipelines do.", "",
+             "halves, as diffusers' pipelines do. Details of each measure below.", "",
+             *_summary(runs),
              "### FLOPs (torch.utils.flop_counter, independent of the machine)", "",
              "| resolution | base | " + " | ".join(METHODS.values()) + " | ControlNeXt stem (once) |",
              "|---|---|" + "---|" * len(METHODS) + "---|"]
@@ -119,7 +135,7 @@ def _overhead_tables(runs: list[dict]) -> list[str]:
               "| share of a base step |", "|---|---|---|---|---|---|"]
     for run in runs:
         for clock, timing in run["timing"].items():
-            cells = [f"{timing['median'][m]:.3f} s ({timing['iqr'][m]:.3f}) | {timing['overhead'][m]:+.1%} "
+            cells = [f"{timing['median'][m]:.3f} s ({timing['iqr'][m]:.3f}) | {timing['overhead'][m]:.1%} "
                      f"(IQR {timing['overhead_iqr'][m]:.1%})" for m in ("controlnext_module", "controlnet_module")]
             lines.append(f"| {run['resolution']} px | {clock} | " + " | ".join(cells) + " |")
     lines += ["", "### Machines", ""]
