@@ -274,3 +274,15 @@ def test_init_control_starts_from_saved_weights(trained, tiny_base, data, tmp_pa
     trained_unet = dict(trained.trainer.base.unet.named_parameters())
     assert exported.keys() == set(trained.trainer.selected)
     assert all(torch.equal(exported[name], trained_unet[name].detach()) for name in exported)
+
+
+def test_controlnet_trains_through_the_same_loop_and_loads_back(tiny_base, data, tmp_path):
+    from controlnext.control.loading import load_control
+    from controlnext.training import train
+
+    out = train(tiny_config(tiny_base, data, tmp_path / "controlnet", method="controlnet", module_config=None,
+                            max_steps=3))
+    loaded = load_control(out, load_training_base(tiny_base).unet)
+    assert loaded.method == "controlnet" and loaded.unet_weights is None
+    zero_convs = [p for n, p in loaded.model.named_parameters() if n.startswith("controlnet_down_blocks")]
+    assert any(p.abs().max() > 0 for p in zero_convs)  # trained away from their zero initialisation

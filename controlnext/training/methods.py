@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..control.loading import check_fits, injection_width, save_controlnext
+from ..control.loading import check_fits, injection_width, save_controlnet, save_controlnext
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNeXtModel
 from .config import TrainConfig
@@ -85,11 +85,30 @@ class _Parameters:
         return iter(self.tensors.items())
 
 
+def build_controlnet(unet: nn.Module, config: TrainConfig) -> nn.Module:
+    """A ControlNet copied from this base's encoder, its zero convolutions at zero (Zhang et al., Sec. 3.1)."""
+    from ..models import ControlNet
+
+    return ControlNet.from_unet(unet)
+
+
+def save_controlnet_training(path, model, unet_weights, *, original_weights=None, increments=False, metadata=None):
+    """ControlNet keeps the base locked: only its own copy is saved."""
+    if unet_weights:
+        raise ControlNextError("ControlNet trains its own copy of the encoder only; use --trainable none")
+    return save_controlnet(path, model, metadata=metadata)
+
+
 METHODS: dict[str, TrainingMethod] = {
     "controlnext": TrainingMethod(
         build=build_controlnext,
         save=save_controlnext_training,
         auto_trainable=lambda is_sdxl: "sdxl" if is_sdxl else "sd15",
+    ),
+    "controlnet": TrainingMethod(
+        build=build_controlnet,
+        save=save_controlnet_training,
+        auto_trainable=lambda is_sdxl: "none",
     ),
 }
 
