@@ -118,17 +118,20 @@ def nearest_colour(rgb: Sequence[float] | np.ndarray) -> str:
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """Kind of one shape from its bool mask, by how much of its smallest enclosing circle it fills.
+    """Kind of one shape from its bool mask: the kind whose smallest enclosing outline its convex hull fills best.
 
-    A disc fills all of it, a square 2/pi = 0.64, an equilateral triangle 0.41.
+    A triangle fills its smallest enclosing triangle, a square its smallest rotated rectangle and a disc its
+    smallest enclosing circle; each fills the other two outlines at most about 0.8 even when blurred.
     """
     contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    (_, _), radius = cv2.minEnclosingCircle(max(contours, key=cv2.contourArea))
-    # The contour runs through pixel centres: the pixels reach half a pixel further.
-    fill = np.count_nonzero(mask) / (np.pi * (radius + 0.5) ** 2)
-    if fill < 0.555:
-        return "triangle"
-    return "square" if fill < 0.8 else "circle"
+    hull = cv2.convexHull(max(contours, key=cv2.contourArea))
+    area = cv2.contourArea(hull)
+    triangle_area, _ = cv2.minEnclosingTriangle(hull.astype(np.float32))
+    (_, _), (width, height), _ = cv2.minAreaRect(hull)
+    (_, _), radius = cv2.minEnclosingCircle(hull)
+    fills = {"triangle": area / max(triangle_area, 1e-6), "square": area / max(width * height, 1e-6),
+             "circle": area / max(np.pi * radius**2, 1e-6)}
+    return max(fills, key=fills.get)
 
 
 @dataclass(frozen=True)
