@@ -1,0 +1,294 @@
+"""Train the embedded base model on the shapes world: first the VAE, then the text encoder and UNet together.
+
+Latent diffusion as in Rombach et al. (2022): the autoencoder learns reconstruction plus a small KL term
+(Eq. 25 of their appendix, without the perceptual and adversarial terms, which flat shapes do not need);
+the denoiser learns epsilon prediction, L = ||eps - eps_theta(z_t, t, c)||^2 (Ho et al., 2020, Eq. 14),
+with a share of empty captions so that classifier-free guidance works (Ho & Salimans, 2022).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.shapes import ShapesWorld, render_image
+from ..metrics import mean_shape_scores
+from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
+                              build_vae, write_tokenizer_files)
+
+
+@dataclass
+class BaseTrainingConfig:
+    """Everything that decides the trained base model; saved as training_config.json beside it."""
+
+    seed: int = 0
+    train_images: int = 12000  # rendered once from the shapes world's train split
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_crop: int = 32  # train the autoencoder on random crops of this side (0: whole images), as SD's was
+    kl_weight: float = 1e-6  # per latent element against per-pixel reconstruction, as LDM's VAE
+    unet_steps: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    warmup_steps: int = 100
+    empty_caption_rate: float = 0.1
+    snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
+    ema_decay: float = 0.998
+    eval_every: int = 500  # steps between quick quality checks (0: none)
+    eval_count: int = 24
+    threads: int = 1
+    half_precision_storage: bool = True  # store VAE and UNet as float16 (diffusers loads them as float32)
+    model: TinySDConfig = field(default_factory=TinySDConfig)
+
+
+Log = Callable[[str], None]
+
+
+def render_training_set(count: int, seed: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Images (n, 3, R, R) uint8 and captions of the first `count` train samples."""
+    world = ShapesWorld(seed=seed, resolution=resolution)
+    specs = [world.spec(index) for index in range(count)]
+    images = [np.asarray(render_image(spec, resolution)) for spec in specs]
+    captions = [spec.caption() for spec in specs]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (b, 3, h, w) -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warmup, then half a cosine down to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def train_vae(vae, images: torch.Tensor, config: BaseTrainingConfig, log: Log = print) -> None:
+    """Reconstruction (L1 + L2) plus kl_weight * KL(q(z|x) || N(0, I)) per latent element."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, config.vae_steps, config.warmup_steps))
+    vae.train()
+    started = time.time()
+    for step in range(config.vae_steps):
+        batch = images[torch.randint(len(images), (config.vae_batch,), generator=generator)]
+        if 0 < config.vae_crop < images.shape[-1]:
+            top, left = torch.randint(images.shape[-1] - config.vae_crop + 1, (2,), generator=generator).tolist()
+            batch = batch[..., top:top + config.vae_crop, left:left + config.vae_crop]
+        pixels = to_model_range(batch)  # (b, 3, h, w)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample  # (b, 3, h, w)
+        rec_loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels)
+        kl_loss = posterior.kl().mean() / pixels[0].numel()
+        loss = rec_loss + config.kl_weight * kl_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == config.vae_steps - 1:
+            log(f"vae step {step:5d}  rec {rec_loss.item():.4f}  kl {kl_loss.item():.3f}  {time.time() - started:.0f}s")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, each (n, c, h, w)."""
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        posterior = vae.encode(to_model_range(images[start:start + batch])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def latent_scaling_factor(means: torch.Tensor, stds: torch.Tensor) -> float:
+    """1 / std of posterior samples, so diffusion sees latents of unit variance (as SD's 0.18215 was found)."""
+    second_moment = (means.pow(2) + stds.pow(2)).mean()
+    return float(1.0 / torch.sqrt(second_moment - means.mean().pow(2)))
+
+
+@torch.no_grad()
+def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str, float]:
+    """Mean absolute error (0-255 scale) and shape scores of the autoencoder's reconstructions of test images."""
+    world = ShapesWorld(seed=world_seed)
+    specs = [world.spec(index, "test") for index in range(count)]
+    resolution = vae.config.sample_size
+    images = torch.from_numpy(np.stack([np.asarray(render_image(spec, resolution)) for spec in specs]))
+    images = images.permute(0, 3, 1, 2)  # (n, 3, h, w)
+    decoded = vae.decode(vae.encode(to_model_range(images)).latent_dist.mean).sample  # (n, 3, h, w)
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    error = (decoded.float() - images.float()).abs().mean().item()
+    return {"mean_abs_error": error, **mean_shape_scores(list(decoded.permute(0, 2, 3, 1).numpy()), specs)}
+
+
+class EMA:
+    """Exponential moving average of parameters: theta_ema <- d * theta_ema + (1 - d) * theta."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.copies = [copy.deepcopy(module).requires_grad_(False) for module in modules]
+        self.sources = modules
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm up, so early weights fade fast
+        for copy_, source in zip(self.copies, self.sources):
+            for averaged, current in zip(copy_.parameters(), source.parameters()):
+                averaged.lerp_(current, 1 - decay)
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for epsilon prediction, min(SNR(t), gamma) / SNR(t) (Hang et al., 2023, Eq. 9)."""
+    if not gamma:
+        return torch.ones(len(timesteps))
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps]  # (b,)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids  # (b, max_tokens)
+
+
+def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor, stds: torch.Tensor,
+                   captions: list[str], scaling_factor: float, config: BaseTrainingConfig,
+                   evaluate: Callable[[int, EMA], None] | None = None, log: Log = print) -> EMA:
+    """Train UNet and text encoder together on epsilon prediction; return their moving averages."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    token_ids = tokenize(tokenizer, captions)  # (n, max_tokens)
+    empty_ids = tokenize(tokenizer, [""])  # (1, max_tokens)
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, config.unet_steps, config.warmup_steps))
+    ema = EMA([unet, text_encoder], config.ema_decay)
+    unet.train()
+    text_encoder.train()
+    started, running = time.time(), []
+    for step in range(config.unet_steps):
+        chosen = torch.randint(len(means), (config.unet_batch,), generator=generator)
+        posterior_noise = torch.randn(means[chosen].shape, generator=generator)
+        latents = (means[chosen] + stds[chosen] * posterior_noise) * scaling_factor  # (b, c, h, w)
+        ids = token_ids[chosen].clone()
+        dropped = torch.rand(config.unet_batch, generator=generator) < config.empty_caption_rate
+        ids[dropped] = empty_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (config.unet_batch,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)  # (b, c, h, w)
+        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample  # (b, c, h, w)
+        weights = snr_weights(scheduler, timesteps, config.snr_gamma)  # (b,)
+        loss = (weights * (prediction - noise).pow(2).mean((1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.update(step)
+        running.append(loss.item())
+        if step % 100 == 0 or step == config.unet_steps - 1:
+            log(f"unet step {step:5d}  loss {np.mean(running):.4f}  {time.time() - started:.0f}s")
+            running = []
+        if evaluate and config.eval_every and (step + 1) % config.eval_every == 0:
+            evaluate(step + 1, ema)
+    unet.eval()
+    text_encoder.eval()
+    return ema
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
+                  batch: int = 25, world_seed: int = 0) -> tuple[dict[str, float], list]:
+    """Generate from the first `count` held-out ("test") captions; return mean shape scores and the images."""
+    world = ShapesWorld(seed=world_seed)
+    specs = [world.spec(index, "test") for index in range(count)]
+    resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, count, batch):
+        captions = [spec.caption() for spec in specs[start:start + batch]]
+        images += pipeline(captions, height=resolution, width=resolution, num_inference_steps=steps,
+                           guidance_scale=guidance, generator=generator).images
+    return mean_shape_scores(images, specs), images
+
+
+def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool) -> None:
+    """Write the diffusers folder (safetensors), with the tokenizer's vocab.json and merges.txt beside tokenizer.json."""
+    if output.exists():
+        shutil.rmtree(output)
+    if half_precision:  # the text encoder stays float32: transformers would load it as stored
+        pipeline = copy.deepcopy(pipeline)
+        pipeline.vae.to(torch.float16)
+        pipeline.unet.to(torch.float16)
+    pipeline.save_pretrained(str(output), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_files / name, output / "tokenizer" / name)
+
+
+def train_base_model(output: str | Path, config: BaseTrainingConfig = BaseTrainingConfig(), log: Log = print) -> Path:
+    """Train all parts from scratch, reproducibly for a seed, and save a StableDiffusionPipeline folder."""
+    torch.set_num_threads(config.threads)
+    output = Path(output)
+    work = output.with_name(output.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    torch.manual_seed(config.seed)
+    images, captions = render_training_set(config.train_images, config.seed, config.model.resolution)
+    log(f"rendered {len(images)} training images in {time.time() - started:.0f}s")
+
+    tokenizer = build_tokenizer(work / "tokenizer", config.model)
+    vae = build_vae(config.model)
+    train_vae(vae, images, config, log)
+    log("vae on held-out images: " + "  ".join(f"{k} {v:.3f}" for k, v in check_reconstruction(vae).items()))
+    means, stds = encode_latents(vae, images)  # (n, c, h, w) each
+    scaling_factor = latent_scaling_factor(means, stds)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    log(f"latents {tuple(means.shape[1:])}, scaling factor {scaling_factor:.4f}")
+
+    torch.manual_seed(config.seed + 1)
+    text_encoder = build_text_encoder(tokenizer, config.model)
+    unet = build_unet(config.model)
+    scheduler = build_scheduler()
+    history = []
+
+    def evaluate(step: int, ema: EMA) -> None:
+        pipeline = assemble_pipeline(vae, ema.copies[1], tokenizer, ema.copies[0], scheduler)
+        scores, _ = evaluate_base(pipeline, count=config.eval_count, world_seed=config.seed)
+        history.append({"step": step, **scores})
+        log(f"eval at step {step}: " + "  ".join(f"{key} {value:.3f}" for key, value in scores.items()))
+
+    ema = train_denoiser(unet, text_encoder, tokenizer, scheduler, means, stds, captions, scaling_factor, config,
+                         evaluate, log)
+    pipeline = assemble_pipeline(vae, ema.copies[1], tokenizer, ema.copies[0], scheduler)
+    save_pipeline(pipeline, output, work / "tokenizer", config.half_precision_storage)
+    minutes = (time.time() - started) / 60
+    (output / "training_config.json").write_text(json.dumps(
+        {"config": asdict(config), "minutes": round(minutes, 1), "history": history}, indent=2))
+    shutil.rmtree(work)
+    log(f"saved {output} after {minutes:.1f} min")
+    return output

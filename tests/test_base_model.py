@@ -1,0 +1,150 @@
+"""The embedded base model: its tokenizer, its builders, its training script and the shipped weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from controlnext.data.shapes import PALETTE, ShapesWorld, make_sample
+from controlnext.metrics import background_rgb, nearest_colour
+from controlnext.models.tiny_sd import (BASE_MODEL_DIR, TinySDConfig, build_text_encoder, build_tokenizer,
+                                        build_unet, build_vae, learn_merges, load_base_pipeline, shapes_words)
+from controlnext.training.base_model import BaseTrainingConfig, latent_scaling_factor, snr_weights, train_base_model
+
+TINY = TinySDConfig(resolution=32, text_hidden_size=16, text_layers=1, text_heads=2, vae_channels=(8, 16),
+                    unet_channels=(8, 16), attention_heads=2, norm_groups=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def test_every_shapes_word_is_one_token(tokenizer):
+    for word in shapes_words():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids) == [word + "</w>"]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_captions_tokenize_word_by_word_and_decode_back(tokenizer, index):
+    caption = make_sample(index).caption
+    ids = tokenizer(caption).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert len(ids) == len(caption.replace(",", " ,").split()) + 2
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ,", ",") == caption
+
+
+def test_other_text_falls_back_to_byte_symbols(tokenizer):
+    ids = tokenizer("A zebra!", add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids[1:] and tokenizer.decode(ids) == "a zebra !"
+
+
+def test_merges_are_deterministic_and_spell_each_word_whole():
+    words = ["red", "green", "greed", "reed"]
+    merges = learn_merges(words)
+    assert merges == learn_merges(list(reversed(words)))
+    assert {a + b for a, b in merges} >= {word + "</w>" for word in words}
+
+
+def test_tokenizer_pads_to_its_max_length(tokenizer):
+    ids = tokenizer("a red circle", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert tokenizer.model_max_length == 32 and len(ids) == 32 and ids[-1] == tokenizer.pad_token_id
+
+
+def test_builders_fit_together(tokenizer):
+    torch.manual_seed(0)
+    vae, unet, text_encoder = build_vae(TINY), build_unet(TINY), build_text_encoder(tokenizer, TINY)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mean  # (2, 4, 16, 16)
+        hidden = text_encoder(tokenizer(["a red circle", ""], padding="max_length", return_tensors="pt").input_ids)[0]
+        out = unet(latents, torch.tensor([1, 500]), hidden).sample
+    assert latents.shape == (2, 4, TINY.latent_size, TINY.latent_size) and out.shape == latents.shape
+    assert hidden.shape == (2, 32, 16)
+
+
+def test_scaling_factor_makes_latents_unit_variance():
+    means, stds = torch.randn(64, 4, 8, 8) * 3 + 1, torch.full((64, 4, 8, 8), 4.0)
+    factor = latent_scaling_factor(means, stds)
+    samples = (means + stds * torch.randn_like(stds)) * factor
+    assert samples.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_min_snr_weights_cap_easy_timesteps():
+    scheduler = load_base_pipeline.__globals__["build_scheduler"]()
+    weights = snr_weights(scheduler, torch.tensor([0, 500, 999]), gamma=5.0)
+    assert weights[0] < 0.01 and weights[2] == 1.0 and torch.all(weights <= 1.0)
+    assert torch.all(snr_weights(scheduler, torch.tensor([0, 999]), gamma=0.0) == 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    config = BaseTrainingConfig(seed=3, train_images=8, vae_steps=2, vae_batch=4, vae_crop=16, unet_steps=3,
+                                unet_batch=4, warmup_steps=1, eval_every=0, model=TINY)
+    folders = [tmp_path_factory.mktemp(f"run{i}") / "model" for i in range(2)]
+    for folder in folders:
+        train_base_model(folder, config, log=lambda line: None)
+    return folders
+
+
+def test_training_script_output_loads_as_a_stable_diffusion_pipeline(tiny_runs):
+    from diffusers import StableDiffusionPipeline
+
+    folder = tiny_runs[0]
+    assert {"vocab.json", "merges.txt"} <= {path.name for path in (folder / "tokenizer").iterdir()}
+    assert list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin"))
+    pipeline = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a red circle on a blue background", num_inference_steps=2, height=32, width=32,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32) and pipeline.vae.config.scaling_factor > 0
+    assert json.loads((folder / "training_config.json").read_text())["config"]["seed"] == 3
+
+
+def test_training_is_reproducible_for_a_seed(tiny_runs):
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        first, second = load_file(tiny_runs[0] / part), load_file(tiny_runs[1] / part)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+# The shipped base model. Measured: see scripts/README.md; the floors below sit well under it.
+
+@pytest.fixture(scope="module")
+def base_pipeline():
+    pipeline = load_base_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_shipped_model_is_small_and_stored_as_safetensors():
+    files = list(BASE_MODEL_DIR.rglob("*.safetensors"))
+    assert len(files) == 3 and not list(BASE_MODEL_DIR.rglob("*.bin"))
+    assert sum(path.stat().st_size for path in files) < 8 * 2**20
+
+
+def test_shipped_model_loads_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR))
+    assert pipeline.unet.dtype == pipeline.text_encoder.dtype == torch.float32 and pipeline.safety_checker is None
+
+
+def test_shipped_model_draws_the_background_the_caption_asks_for(base_pipeline):
+    world = ShapesWorld(seed=0)
+    specs = [world.spec(index, "test") for index in range(8)]
+    images = base_pipeline([spec.caption() for spec in specs], num_inference_steps=8, guidance_scale=5.0,
+                           height=64, width=64, generator=torch.Generator().manual_seed(0)).images
+    assert all(image.size == (64, 64) for image in images)
+    hits = [nearest_colour(background_rgb(image)) == spec.background for image, spec in zip(images, specs)]
+    assert sum(hits) >= 6
+
+
+@pytest.mark.parametrize("background", ["black", "white", "blue"])
+def test_shipped_model_background_follows_a_one_word_change(base_pipeline, background):
+    image = base_pipeline(f"a red circle on a {background} background", num_inference_steps=8, guidance_scale=5.0,
+                          height=64, width=64, generator=torch.Generator().manual_seed(1)).images[0]
+    assert np.linalg.norm(background_rgb(image) - PALETTE[background]) < 60
