@@ -286,3 +286,14 @@ def test_controlnet_trains_through_the_same_loop_and_loads_back(tiny_base, data,
     assert loaded.method == "controlnet" and loaded.unet_weights is None
     zero_convs = [p for n, p in loaded.model.named_parameters() if n.startswith("controlnet_down_blocks")]
     assert any(p.abs().max() > 0 for p in zero_convs)  # trained away from their zero initialisation
+
+
+def test_shapes_world_is_a_generated_data_set(tiny_base, tmp_path):
+    from controlnext.data.shapes import ShapesWorld
+    from controlnext.training.data import GENERATED_DATA
+
+    config = tiny_config(tiny_base, "shapes-mask", tmp_path / "run", generated_examples=8)
+    image, condition, caption = GENERATED_DATA["shapes-mask"](config)(3)
+    sample = ShapesWorld(conditions=("mask",)).sample(3, "train")
+    assert caption == sample.caption and np.array_equal(np.asarray(condition), np.asarray(sample.conditions["mask"]))
+    assert np.array_equal(np.asarray(image), np.asarray(sample.image))

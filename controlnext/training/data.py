@@ -30,6 +30,26 @@ Example = tuple[Image.Image, Image.Image | None, str]  # image, condition (None:
 GENERATED_DATA: dict[str, Callable[[TrainConfig], Sequence[Example] | Callable[[int], Example]]] = {}
 
 
+def shapes_world(kind: str) -> Callable[[TrainConfig], Callable[[int], Example]]:
+    """`--data shapes-KIND`: the synthetic shapes world's training split with its KIND condition."""
+
+    def factory(config: TrainConfig) -> Callable[[int], Example]:
+        from ..data.shapes import ShapesWorld
+
+        world = ShapesWorld(resolution=config.resolution, conditions=(kind,))
+
+        def example(index: int) -> Example:
+            sample = world.sample(index, "train")
+            return sample.image, sample.conditions[kind], sample.caption
+
+        return example
+
+    return factory
+
+
+GENERATED_DATA.update({f"shapes-{kind}": shapes_world(kind) for kind in ("canny", "mask", "outline")})
+
+
 def derive_seed(*numbers: int) -> int:
     """A well-mixed 63-bit seed from a tuple of integers (seed, rank, counter, ...)."""
     words = np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, dtype=np.uint32)
