@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     scores, images = evaluate_base(pipeline, count=args.count, seed=args.seed, steps=args.steps,
                                    guidance=args.guidance)
-    print(json.dumps({"model": str(args.model), "count": args.count, "steps": args.steps, "guidance": args.guidance,
+    print(json.dumps({"model": str(args.model), "samples": args.count, "steps": args.steps, "guidance": args.guidance,
                       "sampler": args.sampler, "seconds": round(time.time() - started, 1),
                       **{key: round(value, 3) for key, value in scores.items()}}, indent=2))
     if args.grid:

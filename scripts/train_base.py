@@ -9,27 +9,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controlnext.models.tiny_sd import BASE_MODEL_DIR  # noqa: E402
+from controlnext.models.tiny_sd import BASE_MODEL_DIR, TinySDConfig  # noqa: E402
 from controlnext.training.base_model import BaseTrainingConfig, train_base_model  # noqa: E402
+
+
+def add_flags(parser: argparse.ArgumentParser, config) -> list[str]:
+    """One flag per dataclass field (tuples as comma-separated integers); return the field names."""
+    names = []
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if item.name == "model":
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=lambda text: tuple(int(part) for part in text.split(",")), default=value,
+                                help=f"default {','.join(map(str, value))}")
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+        names.append(item.name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", type=Path, default=BASE_MODEL_DIR, help="folder to write (replaced)")
     parser.add_argument("--log", type=Path, help="also append the log to this file")
-    defaults = BaseTrainingConfig()
-    for item in fields(BaseTrainingConfig):
-        if item.name == "model":
-            continue
-        value = getattr(defaults, item.name)
-        flag = "--" + item.name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    training_names = add_flags(parser.add_argument_group("training"), BaseTrainingConfig())
+    model_names = add_flags(parser.add_argument_group("model sizes"), TinySDConfig())
     args = parser.parse_args(argv)
-    config = BaseTrainingConfig(**{item.name: getattr(args, item.name) for item in fields(BaseTrainingConfig)
-                                   if item.name != "model"})
+    model = TinySDConfig(**{name: getattr(args, name) for name in model_names})
+    config = BaseTrainingConfig(**{name: getattr(args, name) for name in training_names}, model=model)
 
     def log(line: str) -> None:
         print(line, flush=True)

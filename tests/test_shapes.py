@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnext.data.shapes import (CONDITION_KINDS, PALETTE, SHAPE_KINDS, ShapesDataset, ShapesSpec, ShapesWorld,
-                                     make_sample, read_shapes_metadata, render_condition, render_image,
+from controlnext.data.shapes import (CONDITION_KINDS, PALETTE, SHAPE_KINDS, Shape, ShapesDataset, ShapesSpec,
+                                     ShapesWorld, make_sample, read_shapes_metadata, render_condition, render_image,
                                      write_shapes_dataset)
 from controlnext.errors import ControlNextError
 from controlnext.metrics import binary_f1, binary_map, edge_f1, mask_iou
@@ -52,7 +52,8 @@ def test_scene_is_valid(index):
         assert shape.kind in SHAPE_KINDS and shape.colour in PALETTE and shape.colour != spec.background
         assert all(shape.size <= coordinate <= 1 - shape.size for coordinate in shape.centre)
     for first, second in itertools.combinations(spec.shapes, 2):
-        assert np.hypot(first.centre[0] - second.centre[0], first.centre[1] - second.centre[1]) > first.size + second.size
+        distance = np.hypot(first.centre[0] - second.centre[0], first.centre[1] - second.centre[1])
+        assert distance > first.size + second.size
     assert [shape.centre[0] for shape in spec.shapes] == sorted(shape.centre[0] for shape in spec.shapes)
 
 
@@ -65,7 +66,8 @@ def test_caption_names_every_shape_in_order_and_the_background(index):
     assert positions == sorted(positions)
     words = caption.replace(",", "").split()
     assert sum(word in SHAPE_KINDS for word in words) == len(sample.spec.shapes)
-    assert all(words[i] == ("an" if words[i + 1][0] in "aeiou" else "a") for i, word in enumerate(words) if word in ("a", "an"))
+    articles = [(word, words[i + 1]) for i, word in enumerate(words) if word in ("a", "an")]
+    assert all(article == ("an" if noun[0] in "aeiou" else "a") for article, noun in articles)
 
 
 def test_caption_grammar_for_one_two_and_three_shapes():
@@ -183,3 +185,19 @@ def test_palette_colours_are_far_apart():
     colours = np.array(list(PALETTE.values()), float)
     distances = np.linalg.norm(colours[:, None] - colours[None], axis=2)
     assert distances[~np.eye(len(colours), dtype=bool)].min() > 90
+
+
+def test_angle_zero_is_upright():
+    square = Shape("square", "red", (0.5, 0.5), 0.2).vertices()
+    triangle = Shape("triangle", "red", (0.5, 0.5), 0.2).vertices()
+    assert len(np.unique(square[:, 0].round(9))) == 2 and len(np.unique(square[:, 1].round(9))) == 2
+    apex = triangle[triangle[:, 1].argmin()]
+    assert apex[0] == pytest.approx(0.5) and np.allclose(np.sort(triangle[:, 1])[1:], triangle[:, 1].max())
+
+
+def test_turns_stay_within_max_angle_and_single_shapes_are_large():
+    world = ShapesWorld(seed=0, max_angle=10.0)
+    specs = [world.spec(index) for index in range(200)]
+    assert all(abs(shape.angle) <= 10.0 for spec in specs for shape in spec.shapes)
+    singles = [spec.shapes[0].size for spec in specs if len(spec.shapes) == 1]
+    assert singles and min(singles) >= world.size_ranges[0][0]

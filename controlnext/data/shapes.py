@@ -9,8 +9,11 @@ itself, never by running a detector on the image:
 - "mask":    the filled shapes, white on black;
 - "outline": the shapes' outlines drawn with a pen of about 1/32 of the image side.
 
-Captions list the shapes from left to right: "a red circle, a blue square and a green triangle on a
-white background". The "train" and "test" splits are separate random streams of the same world.
+Scenes hold one to three shapes that do not overlap, on a background of another colour; squares and
+triangles stand nearly upright (turned by at most `max_angle` degrees) and a shape alone is drawn
+larger, so that a small model can learn each kind. Captions list the shapes from left to right: "a red
+circle, a blue square and a green triangle on a white background". The "train" and "test" splits are
+separate random streams of the same world.
 
 `write_shapes_dataset` writes a folder laid out as
 
@@ -68,7 +71,8 @@ class Shape:
     def vertices(self) -> np.ndarray:
         """Corners of a square or triangle, (n, 2) in units of the image side."""
         count = _VERTEX_COUNTS[self.kind]
-        turns = np.deg2rad(self.angle) + 2 * np.pi * np.arange(count) / count - np.pi / 2  # (n,)
+        upright = -np.pi / 2 + (np.pi / count if count % 2 == 0 else 0.0)  # angle 0: flat base, edges axis-aligned
+        turns = upright + np.deg2rad(self.angle) + 2 * np.pi * np.arange(count) / count  # (n,)
         return np.stack([self.centre[0] + self.size * np.cos(turns), self.centre[1] + self.size * np.sin(turns)], 1)
 
     def signed_distance(self, points: np.ndarray) -> np.ndarray:
@@ -128,7 +132,9 @@ class ShapesWorld:
     seed: int = 0
     resolution: int = 64
     max_shapes: int = 3
-    size_range: tuple[float, float] = (0.13, 0.23)
+    # circumradius ranges for scenes of one, two and three shapes, so that single shapes are drawn large
+    size_ranges: tuple[tuple[float, float], ...] = ((0.2, 0.3), (0.15, 0.21), (0.12, 0.2))
+    max_angle: float = 15.0  # squares and triangles turn by up to this many degrees either way
     supersample: int = 5
     conditions: tuple[str, ...] = field(default=CONDITION_KINDS)
 
@@ -143,7 +149,7 @@ class ShapesWorld:
         if split not in SPLITS:
             raise ControlNextError(f"unknown split {split!r}; pick one of {sorted(SPLITS)}")
         rng = np.random.default_rng([self.seed, SPLITS[split], index])
-        return random_spec(rng, self.max_shapes, self.size_range)
+        return random_spec(rng, self.max_shapes, self.size_ranges, self.max_angle)
 
     def sample(self, index: int, split: str = "train") -> ShapesSample:
         spec = self.spec(index, split)
@@ -167,13 +173,14 @@ def check_condition_kinds(kinds: Sequence[str]) -> None:
         raise ControlNextError(f"unknown condition kinds {unknown or list(kinds)}; pick from {list(CONDITION_KINDS)}")
 
 
-def random_spec(rng: np.random.Generator, max_shapes: int, size_range: tuple[float, float]) -> ShapesSpec:
+def random_spec(rng: np.random.Generator, max_shapes: int, size_ranges: Sequence[tuple[float, float]],
+                max_angle: float) -> ShapesSpec:
     """Draw a background, then one to `max_shapes` shapes of other colours that neither overlap nor leave the image."""
     background = str(rng.choice(list(PALETTE)))
     shape_colours = [name for name in PALETTE if name != background]
     count = int(rng.integers(1, max_shapes + 1))
     shapes: list[Shape] = []
-    low, high = size_range
+    low, high = size_ranges[count - 1]
     while len(shapes) < count:
         for _attempt in range(200):
             size = float(rng.uniform(low, high))
@@ -185,7 +192,7 @@ def random_spec(rng: np.random.Generator, max_shapes: int, size_range: tuple[flo
             continue
         kind = str(rng.choice(SHAPE_KINDS))
         colour = str(rng.choice(shape_colours))
-        angle = float(rng.uniform(0, 360)) if kind != "circle" else 0.0
+        angle = float(rng.uniform(-max_angle, max_angle)) if kind != "circle" else 0.0
         shapes.append(Shape(kind, colour, (float(centre[0]), float(centre[1])), size, angle))
     shapes.sort(key=lambda shape: shape.centre[0])
     return ShapesSpec(background, tuple(shapes))
@@ -270,7 +277,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 def write_shapes_dataset(folder: str | Path, count: int, seed: int = 0, split: str = "train", resolution: int = 64,
                          conditions: Sequence[str] = CONDITION_KINDS, start: int = 0) -> Path:
-    """Save `count` samples as PNG files plus metadata.jsonl (layout in the module docstring); return the metadata path."""
+    """Save `count` samples as PNGs plus metadata.jsonl (layout in the module docstring); return the metadata path."""
     world = ShapesWorld(seed=seed, resolution=resolution, conditions=tuple(conditions))
     folder = Path(folder)
     for name in ("images", *conditions):
@@ -281,7 +288,8 @@ def write_shapes_dataset(folder: str | Path, count: int, seed: int = 0, split: s
             sample = world.sample(index, split)
             stem = f"{index:06d}.png"
             sample.image.save(folder / "images" / stem)
-            record = {"image": f"images/{stem}", "conditioning_image": f"{conditions[0]}/{stem}", "text": sample.caption}
+            record = {"image": f"images/{stem}", "conditioning_image": f"{conditions[0]}/{stem}",
+                      "text": sample.caption}
             for kind, image in sample.conditions.items():
                 image.save(folder / kind / stem)
                 record[kind] = f"{kind}/{stem}"

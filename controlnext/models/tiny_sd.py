@@ -144,15 +144,22 @@ def build_unet(config: TinySDConfig = TinySDConfig()):
     )
 
 
-def build_scheduler():
-    """SD 1.x's noise schedule (scaled linear betas, epsilon prediction), sampled with DDIM."""
+def build_scheduler(prediction_type: str = "v_prediction"):
+    """DDPM's linear betas (1e-4 to 0.02) sampled with DDIM from the last timestep; v-prediction as SD 2.x.
+
+    Not SD 1.x's scaled-linear betas: on a 16 x 16 latent their last step keeps sqrt(alpha_bar_T) = 0.07 of
+    the signal, so the latents' mean (the background colour) leaks through the noise (Lin et al., 2024,
+    Sec. 3.1); linear betas keep 0.006. v-prediction, because epsilon's loss weighs the clean image by
+    SNR(t), next to nothing where the background colour is decided, so the caption was not learned in time.
+    """
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                         prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, timestep_spacing="trailing")
 
 
-def load_base_pipeline(folder: str | Path = BASE_MODEL_DIR, torch_dtype=None):
+def load_base_pipeline(folder: str | Path = BASE_MODEL_DIR, dtype=None):
     """The embedded base model (or any SD 1.x diffusers folder) as a StableDiffusionPipeline, float32 by default."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -163,5 +170,5 @@ def load_base_pipeline(folder: str | Path = BASE_MODEL_DIR, torch_dtype=None):
     if not (folder / "model_index.json").is_file():
         raise ControlNextError(f"no diffusers model in {folder}; train one with scripts/train_base.py")
     return StableDiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=torch_dtype or torch.float32, safety_checker=None, requires_safety_checker=False
+        str(folder), dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
     )

@@ -37,17 +37,20 @@ class BaseTrainingConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_crop: int = 32  # train the autoencoder on random crops of this side (0: whole images), as SD's was
+    vae_from: str = ""  # reuse this AutoencoderKL folder (or a pipeline folder's vae/) instead of training one
     kl_weight: float = 1e-6  # per latent element against per-pixel reconstruction, as LDM's VAE
-    unet_steps: int = 3000
+    unet_steps: int = 4500
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 100
     empty_caption_rate: float = 0.1
-    snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
+    snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
+    prediction_type: str = "v_prediction"  # as SD 2.x (Salimans & Ho, 2022), or "epsilon" as SD 1.x
+    offset_noise: float = 0.0  # std of a per-channel constant added to the noise (Guttenberg, 2023)
     ema_decay: float = 0.998
     eval_every: int = 500  # steps between quick quality checks (0: none)
     eval_count: int = 24
-    threads: int = 1
+    threads: int = 2  # the machines this runs on are shared: at most 2
     half_precision_storage: bool = True  # store VAE and UNet as float16 (diffusers loads them as float32)
     model: TinySDConfig = field(default_factory=TinySDConfig)
 
@@ -152,13 +155,13 @@ class EMA:
                 averaged.lerp_(current, 1 - decay)
 
 
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights for epsilon prediction, min(SNR(t), gamma) / SNR(t) (Hang et al., 2023, Eq. 9)."""
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (Hang et al., 2023, Eq. 9)."""
     if not gamma:
         return torch.ones(len(timesteps))
     alphas_cumprod = scheduler.alphas_cumprod[timesteps]  # (b,)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -189,11 +192,14 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor
         dropped = torch.rand(config.unet_batch, generator=generator) < config.empty_caption_rate
         ids[dropped] = empty_ids
         noise = torch.randn(latents.shape, generator=generator)
+        if config.offset_noise:
+            noise = noise + config.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (config.unet_batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)  # (b, c, h, w)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample  # (b, c, h, w)
-        weights = snr_weights(scheduler, timesteps, config.snr_gamma)  # (b,)
-        loss = (weights * (prediction - noise).pow(2).mean((1, 2, 3))).mean()
+        target = noise if config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        weights = snr_weights(scheduler, timesteps, config.snr_gamma, config.prediction_type)  # (b,)
+        loss = (weights * (prediction - target).pow(2).mean((1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -238,7 +244,7 @@ def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, gu
 
 
 def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool) -> None:
-    """Write the diffusers folder (safetensors), with the tokenizer's vocab.json and merges.txt beside tokenizer.json."""
+    """Write the diffusers folder (safetensors); the tokenizer's vocab.json and merges.txt go beside tokenizer.json."""
     if output.exists():
         shutil.rmtree(output)
     if half_precision:  # the text encoder stays float32: transformers would load it as stored
@@ -251,9 +257,16 @@ def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision:
 
 
 def train_base_model(output: str | Path, config: BaseTrainingConfig = BaseTrainingConfig(), log: Log = print) -> Path:
-    """Train all parts from scratch, reproducibly for a seed, and save a StableDiffusionPipeline folder."""
+    """Train all parts from scratch and save a StableDiffusionPipeline folder; same seed and threads, same weights."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    output = Path(output)
+    try:
+        return _train_base_model(Path(output), config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Path:
     work = output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -262,18 +275,27 @@ def train_base_model(output: str | Path, config: BaseTrainingConfig = BaseTraini
     log(f"rendered {len(images)} training images in {time.time() - started:.0f}s")
 
     tokenizer = build_tokenizer(work / "tokenizer", config.model)
-    vae = build_vae(config.model)
-    train_vae(vae, images, config, log)
+    if config.vae_from:
+        from diffusers import AutoencoderKL
+
+        source = Path(config.vae_from)
+        source = source / "vae" if (source / "vae").is_dir() else source
+        vae = AutoencoderKL.from_pretrained(str(source), dtype=torch.float32).eval()
+        log(f"reusing the autoencoder in {source}")
+    else:
+        vae = build_vae(config.model)
+        train_vae(vae, images, config, log)
     log("vae on held-out images: " + "  ".join(f"{k} {v:.3f}" for k, v in check_reconstruction(vae).items()))
     means, stds = encode_latents(vae, images)  # (n, c, h, w) each
     scaling_factor = latent_scaling_factor(means, stds)
     vae.register_to_config(scaling_factor=scaling_factor)
+    vae.save_pretrained(str(work / "vae"))  # kept if a later stage fails, for --vae-from
     log(f"latents {tuple(means.shape[1:])}, scaling factor {scaling_factor:.4f}")
 
     torch.manual_seed(config.seed + 1)
     text_encoder = build_text_encoder(tokenizer, config.model)
     unet = build_unet(config.model)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(config.prediction_type)
     history = []
 
     def evaluate(step: int, ema: EMA) -> None:
