@@ -201,9 +201,11 @@ def test_validation_saves_a_grid_and_logs_fidelity(tiny_base, data, tmp_path, mo
 
     grid = Image.open(tmp_path / "out" / "validation" / "step-000002.png")
     assert grid.size == (2 * 64, 3 * 64)  # one row per example: condition | generated
-    assert calls == [((64, 64), (64, 64))] * 3
+    assert (tmp_path / "out" / "validation" / "step-000000.png").is_file()  # before training: the curve's start
+    assert calls == [((64, 64), (64, 64))] * 6
     rows = (tmp_path / "out" / "log.csv").read_text().splitlines()
-    assert rows[0].endswith("fidelity_edge_f1") and rows[1].endswith(",") and rows[2].endswith(",0.25")
+    assert rows[0].endswith("fidelity_edge_f1") and rows[1].startswith("0,") and rows[1].endswith(",0.25")
+    assert rows[2].startswith("1,") and rows[2].endswith(",") and rows[3].endswith(",0.25")
 
 
 # -- errors: one clear line each ----------------------------------------------------------------------------

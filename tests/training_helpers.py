@@ -81,4 +81,4 @@ def start_cli(config: TrainConfig, *extra: str) -> subprocess.Popen:
 
 def losses(output: Path) -> dict[int, float]:
     with open(Path(output) / "log.csv", newline="") as file:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(file)}
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(file) if row["loss"]}

@@ -15,6 +15,7 @@ PAPER = {
     ("sdxl", "controlnext"): "~108M", ("sdxl", "controlnet"): "1.251B",
 }
 METHODS = {"controlnext": "ControlNeXt", "controlnext_first_step": "ControlNeXt, first step", "controlnet": "ControlNet"}
+METHOD_NAMES = {"controlnext": "ControlNeXt", "controlnet": "ControlNet"}
 
 
 def machine_info() -> dict:
@@ -41,14 +42,28 @@ def machine_info() -> dict:
     }
 
 
-def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None) -> dict:
-    """Merge new results into the JSON file at `path` (one overhead entry per resolution) and return all."""
+def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None,
+                   training_cost: dict | None = None, convergence: dict | None = None,
+                   generation: dict | None = None) -> dict:
+    """Merge new results into the JSON file at `path` and return all.
+
+    One overhead entry per resolution, one training-cost entry per architecture and resolution, one
+    convergence entry per condition kind; a new entry replaces the old one of the same key.
+    """
     path = Path(path)
-    results = json.loads(path.read_text()) if path.is_file() else {"parameters": {}, "overhead": {}}
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for key in ("parameters", "overhead", "training_cost", "convergence"):
+        results.setdefault(key, {})
     for entry in parameters or []:
         results["parameters"][entry["architecture"]] = entry
     if overhead is not None:
         results["overhead"][str(overhead["resolution"])] = overhead
+    if training_cost is not None:
+        results["training_cost"][f"{training_cost['architecture']}-{training_cost['resolution']}"] = training_cost
+    if convergence is not None:
+        results["convergence"][convergence["setup"]["kind"]] = convergence
+    if generation is not None:
+        results["generation"] = generation
     path.write_text(json.dumps(results, indent=1))
     return results
 
@@ -76,7 +91,102 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
     runs = [results["overhead"][key] for key in sorted(results.get("overhead", {}), key=int)]
     if runs:
         lines += _overhead_tables(runs)
+    if results.get("generation"):
+        lines += _generation_table(results["generation"])
+    if results.get("training_cost"):
+        lines += _training_cost_table(list(results["training_cost"].values()))
+    if results.get("convergence"):
+        lines += _convergence_tables(results["convergence"])
     return "\n".join(lines) + "\n"
+
+
+def _versions(machine: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+
+
+def _generation_table(entry: dict) -> list[str]:
+    timing = entry["timing"]
+    lines = ["## Whole generation on the embedded default model", "",
+             f"`ControlledPipeline` on the shipped base model, {entry['resolution']} px, {entry['steps']} DDIM steps, "
+             f"guidance {entry['guidance_scale']}, {entry['threads']} torch thread(s), {entry['repeats']} interleaved "
+             f"rounds after {entry['warmup']} warm-up; wall-clock seconds, median (IQR).", "",
+             "| configuration | seconds | overhead |", "|---|---|---|"]
+    for name, label in (("base", "no control"), ("controlnext", "ControlNeXt (shipped canny control)")):
+        overhead = "-" if name == "base" else f"{timing['overhead'][name]:+.1%} (IQR {timing['overhead_iqr'][name]:.1%})"
+        lines.append(f"| {label} | {timing['median'][name]:.3f} ({timing['iqr'][name]:.3f}) | {overhead} |")
+    machine = entry["machine"]
+    return lines + ["", f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, load average "
+                    f"{machine['load_average']}; {_versions(machine)}.", ""]
+
+
+def _training_cost_table(entries: list[dict]) -> list[str]:
+    lines = ["## Training cost", "",
+             "One optimizer step (forward, backward, AdamW) of each method's recipe on the random-weight UNet, same "
+             "batch, resolution and seed; each method in a fresh process. Memory: on a GPU torch's peak allocation; "
+             "on a CPU the process's peak resident set, and beyond the built models (activations, gradients, "
+             "optimizer state).", "",
+             "| architecture | size | device | method | trainable | step, median (IQR) | peak memory | beyond the "
+             "built models |", "|---|---|---|---|---|---|---|---|"]
+    for entry in entries:
+        for method, run in entry["methods"].items():
+            lines.append(f"| {entry['architecture']} | {entry['resolution']} px, batch {entry['batch']} | "
+                         f"{entry['device']} ({entry['threads']} thread(s)) | {METHOD_NAMES.get(method, method)} | "
+                         f"{_m(run['trainable'])} | {run['median']:.2f} s ({run['iqr']:.2f}) | "
+                         f"{run['peak_bytes'] / 2**30:.2f} GiB | {(run['peak_bytes'] - run['built_bytes']) / 2**30:.2f} "
+                         "GiB |")
+        if "time_ratio" in entry:
+            lines.append(f"| | | | ControlNeXt / ControlNet | | {entry['time_ratio']:.0%} of the step time | | "
+                         f"{entry['training_memory_ratio']:.0%} of the training memory |")
+    machine_lines = [f"- {e['architecture']} {e['resolution']} px: {e['machine']['cpu']}, {e['machine']['cpu_count']} "
+                     f"cores, load average {e['machine']['load_average']}; {e['steps']} timed steps after "
+                     f"{e['warmup']} warm-up; {_versions(e['machine'])}." for e in entries if "machine" in e]
+    return lines + ["", *machine_lines, ""]
+
+
+def _convergence_tables(entries: dict) -> list[str]:
+    lines = ["## Convergence on the shapes world", "",
+             "Both methods trained by `controlnext train` on the embedded default model with the same data, batch, "
+             "seed and number of steps; control fidelity measured at each validation on held-out scenes (the "
+             "world's test split), sampled alike (same seeds, DDIM steps and guidance). \"90% step\": the first "
+             "validation at 90% of the final fidelity (mean of the last three validations). Plateau and rise: steps "
+             "to 10% of the gain over the start, then from 10% to 90% of it; \"sudden\" when the plateau lasts at "
+             "least twice the rise and more than one validation interval (ControlNet's sudden convergence).", "",
+             "| condition | metric | no control | method | trainable | start | final | 90% step | plateau | rise "
+             "| sudden | steps/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, entry in entries.items():
+        setup = entry["setup"]
+        for method, run in entry["methods"].items():
+            trainable = _m(run["trainable"]) if run.get("trainable") else "-"
+            lines.append(f"| {kind} | {setup['metric']} | {entry['uncontrolled']:.3f} | "
+                         f"{METHOD_NAMES.get(method, method)} | {trainable} | {run['start']:.3f} | {run['final']:.3f} | "
+                         f"{run['steps_to_90']} | {run['plateau_steps']} | {run['rise_steps']} | "
+                         f"{'yes' if run['sudden'] else 'no'} | {run['steps_per_second']:.2f} |")
+    lines.append("")
+    for kind, entry in entries.items():
+        setup, speedup = entry["setup"], entry.get("speedup_to_90")
+        verdict = ("target (at least 5x sooner) met" if speedup >= 5 else "target (at least 5x sooner) missed"
+                   ) if speedup else "no speed-up could be computed"
+        lines += [f"### {kind}", "",
+                  f"![fidelity against steps, {kind}](benchmarks/convergence-{kind}.png)", "",
+                  f"ControlNeXt reaches 90% of its final fidelity "
+                  + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}."),
+                  f"Setup: {setup['steps']} steps of batch {setup['batch_size']} at {setup['resolution']} px; learning "
+                  f"rate {setup['learning_rate']:g} (ControlNet, ControlNeXt's UNet weights) and "
+                  f"{setup['module_learning_rate']:g} (ControlNeXt's module); validation every "
+                  f"{setup['validate_every']} steps on {setup['validation_count']} held-out scenes, "
+                  f"{setup['sampling_steps']} DDIM steps, guidance {setup['guidance_scale']}, seed {setup['seed']}.",
+                  "", "| step | " + " | ".join(METHOD_NAMES.get(m, m) for m in entry["methods"]) + " |",
+                  "|---|" + "---|" * len(entry["methods"])]
+        curves = {m: dict(run["curve"]) for m, run in entry["methods"].items()}
+        for step in sorted(set().union(*curves.values())):
+            lines.append(f"| {step} | " + " | ".join(f"{c[step]:.3f}" if step in c else "" for c in curves.values())
+                         + " |")
+        machine = entry["machine"]
+        lines += ["", f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {machine['date']}; "
+                  f"{_versions(machine)}. Minutes: " + ", ".join(
+                      f"{METHOD_NAMES.get(m, m)} {run['minutes']:.1f}" for m, run in entry["methods"].items()) + ".",
+                  ""]
+    return lines
 
 
 def _summary(runs: list[dict]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The whole efficiency benchmark: parameter counts, then FLOPs and CPU timing per resolution."""
+"""The benchmarks as runs: efficiency (parameters, inference overhead, training cost, whole generation) and
+convergence (its own, longer run), each merged into the results JSON and rendered into the report."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from ..errors import ControlNextError
 DEFAULT_ROUNDS = {256: 6, 512: 3}  # keeps a CPU run of both under ~15 minutes
 
 
+def _check_resolution(resolution: int, what: str) -> None:
+    if resolution <= 0 or resolution % 64:
+        raise ControlNextError(f"{what} {resolution} is not a positive multiple of 64 (the SD1.5 UNet needs a latent "
+                               "divisible by 8); use e.g. 256 or 512")
+
+
 def run_benchmarks(
     resolutions: list[int] = (256,),
     rounds: int | None = None,
@@ -18,17 +25,21 @@ def run_benchmarks(
     results_path: str | Path = "BENCHMARKS.json",
     output_path: str | Path = "BENCHMARKS.md",
     command: str = "controlnext bench",
+    training_resolution: int = 256,
+    training_steps: int = 3,
+    generation: bool = True,
     log=print,
 ) -> dict:
-    """Count parameters, measure the overhead at each resolution, merge into `results_path`, write the report."""
+    """Count parameters, measure the overhead at each resolution, the training cost and the embedded default's
+    generation time; merge into `results_path` and write the report."""
     from .overhead import measure_overhead
     from .params import count_parameters
     from .report import machine_info, render_markdown, update_results
 
     for resolution in resolutions:
-        if resolution <= 0 or resolution % 64:
-            raise ControlNextError(f"resolution {resolution} is not a positive multiple of 64 (the SD1.5 UNet "
-                                   "needs a latent divisible by 8); use e.g. 256 or 512")
+        _check_resolution(resolution, "resolution")
+    if training_resolution:
+        _check_resolution(training_resolution, "training resolution")
     log("counting parameters (SD1.5, SDXL)")
     results = update_results(results_path, parameters=[count_parameters("sd15"), count_parameters("sdxl")])
     for resolution in resolutions:
@@ -44,5 +55,36 @@ def run_benchmarks(
             timing = run["timing"][clock]
             log(f"{resolution} px, {clock} time: ControlNeXt {timing['overhead']['controlnext']:+.1%}, ControlNet "
                 f"{timing['overhead']['controlnet']:+.1%} over a base step of {timing['median']['base']:.2f} s")
+    if training_resolution:
+        from .training_cost import measure_training_cost
+
+        machine = machine_info()
+        cost = measure_training_cost("sd15", training_resolution, steps=training_steps, warmup=1, threads=threads,
+                                     log=log)
+        results = update_results(results_path, training_cost={**cost, "machine": machine})
+        Path(output_path).write_text(render_markdown(results, command))
+        log(f"training step at {training_resolution} px: ControlNeXt {cost['time_ratio']:.0%} of ControlNet's time, "
+            f"{cost['training_memory_ratio']:.0%} of its training memory")
+    if generation:
+        from .generation import measure_generation
+
+        entry = measure_generation(threads=threads, log=log)
+        if entry is not None:
+            results = update_results(results_path, generation={**entry, "machine": machine_info()})
     Path(output_path).write_text(render_markdown(results, command))
     return results
+
+
+def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
+                              results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
+                              plots_dir: str | Path | None = None, command: str = "controlnext bench", log=print) -> dict:
+    """Train both methods on the shapes world (`ConvergenceSetup`), plot the curves, merge and write the report."""
+    from .convergence import plot_curves, run_convergence
+    from .report import render_markdown, update_results
+
+    result = run_convergence(setup, work_dir, log=log)
+    plots = Path(plots_dir) if plots_dir else Path(output_path).resolve().parent / "benchmarks"
+    plot_curves(result, plots / f"convergence-{setup.kind}.png")
+    results = update_results(results_path, convergence=result)
+    Path(output_path).write_text(render_markdown(results, command))
+    return result

@@ -1,29 +1,85 @@
-"""`controlnext bench`: parameter counts and the inference overhead of ControlNeXt and ControlNet."""
+"""`controlnext bench`: parameters, inference overhead, training cost and convergence of ControlNeXt and ControlNet."""
 
 from __future__ import annotations
 
+DESCRIPTION = """Measure ControlNeXt against ControlNet on this machine and write BENCHMARKS.md (tables, plots)
+and BENCHMARKS.json. Without --convergence: parameter counts (SD1.5, SDXL), the overhead of one denoising
+step, the cost of one training step (SD1.5 architecture, random weights) and the whole generation time of
+the embedded default model. With --convergence: train both methods on the shapes world and compare
+fidelity against steps (longer)."""
+
 
 def add_parser(subparsers, parent) -> None:
-    parser = subparsers.add_parser(
-        "bench", parents=[parent],
-        help="count parameters and time a denoising step with and without control (SD1.5 architecture, CPU)",
-    )
+    parser = subparsers.add_parser("bench", parents=[parent], description=DESCRIPTION,
+                                   help="measure ControlNeXt against ControlNet and write BENCHMARKS.md")
     parser.add_argument("--resolution", type=int, nargs="*", default=[256],
-                        help="image sizes in pixels to time (multiples of 64); none: parameters only (default: 256)")
+                        help="image sizes in pixels to time a denoising step at (multiples of 64); none: skip "
+                        "(default: 256)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per resolution (default: 6 at 256 px, 3 at 512 px)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--training-resolution", type=int, default=256,
+                        help="image size of the training-cost measure (0: skip it; default: 256)")
+    parser.add_argument("--training-steps", type=int, default=3, help="timed training steps per method (default: 3)")
+    parser.add_argument("--no-generation", dest="generation", action="store_false",
+                        help="skip timing a whole generation of the embedded default model")
+    group = parser.add_argument_group("convergence (--convergence)")
+    group.add_argument("--convergence", action="store_true",
+                       help="train ControlNeXt and ControlNet on the shapes world and compare fidelity against steps")
+    group.add_argument("--kind", nargs="+", default=["canny"], choices=["canny", "mask", "outline"],
+                       help="condition kinds to compare on (default: canny)")
+    group.add_argument("--base", default=None, help="base model (default: the embedded default model)")
+    group.add_argument("--steps", type=int, default=None, help="training steps of each run (default: 600)")
+    group.add_argument("--validate-every", type=int, default=None, help="steps between validations (default: 25)")
+    group.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 16)")
+    group.add_argument("--learning-rate", type=float, default=None,
+                       help="ControlNet's rate and ControlNeXt's UNet weights' rate (default: 1e-4)")
+    group.add_argument("--module-learning-rate", type=float, default=None,
+                       help="ControlNeXt's module rate (default: 1e-3)")
+    group.add_argument("--module-config", default=None, help="ControlNeXt module sizes as JSON")
+    group.add_argument("--validation-count", type=int, default=None, help="held-out scenes to score (default: 16)")
+    group.add_argument("--work-dir", default="runs/convergence",
+                       help="where the trained controls and logs go (default: runs/convergence)")
     parser.add_argument("--results", default="BENCHMARKS.json",
-                        help="JSON file the results are merged into, one entry per resolution (default: BENCHMARKS.json)")
+                        help="JSON file the results are merged into (default: BENCHMARKS.json)")
     parser.add_argument("--output", default="BENCHMARKS.md", help="report written from all results (default: BENCHMARKS.md)")
     parser.set_defaults(run=run)
 
 
-def run(args) -> int:
-    from ..bench.suite import run_benchmarks
+CONVERGENCE_FLAGS = ("base", "steps", "validate_every", "batch_size", "learning_rate", "module_learning_rate",
+                     "module_config", "validation_count")
 
-    run_benchmarks(args.resolution, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
-                   results_path=args.results, output_path=args.output)
+
+def run(args) -> int:
+    from ..errors import ControlNextError
+
+    if args.threads is not None and args.threads <= 0:
+        raise ControlNextError(f"--threads must be positive, not {args.threads}")
+    if args.convergence:
+        import torch
+
+        from ..bench.convergence import ConvergenceSetup
+        from ..bench.suite import run_convergence_benchmark
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        given = {name: getattr(args, name) for name in CONVERGENCE_FLAGS if getattr(args, name) is not None}
+        for name in ("steps", "validate_every", "batch_size", "validation_count"):
+            if name in given and given[name] <= 0:
+                raise ControlNextError(f"--{name.replace('_', '-')} must be positive, not {given[name]}")
+        for kind in args.kind:
+            result = run_convergence_benchmark(ConvergenceSetup(kind=kind, **given), args.work_dir, args.results,
+                                               args.output)
+            speedup = result.get("speedup_to_90")
+            print(f"{kind}: ControlNeXt reaches 90% of its final fidelity "
+                  + (f"{speedup:.1f}x sooner than ControlNet" if speedup else "(no comparison)"))
+    else:
+        from ..bench.suite import run_benchmarks
+
+        run_benchmarks(args.resolution, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
+                       results_path=args.results, output_path=args.output,
+                       training_resolution=args.training_resolution, training_steps=args.training_steps,
+                       generation=args.generation)
     print(f"wrote {args.output} and {args.results}")
     return 0

@@ -65,7 +65,9 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 def resolve_control(name: str) -> str:
     """A bundled control's name (e.g. 'canny') -> its folder; anything else is a path."""
-    bundled = Path(__file__).resolve().parent.parent / "assets" / "controls" / name
+    from ..pipelines.base import BUNDLED_CONTROLS
+
+    bundled = BUNDLED_CONTROLS / name
     return str(bundled) if not Path(name).exists() and bundled.is_dir() else name
 
 

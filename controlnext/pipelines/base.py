@@ -10,6 +10,7 @@ import torch
 from ..errors import ControlNextError
 
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / "assets" / "base"
+BUNDLED_CONTROLS = DEFAULT_BASE.parent / "controls"  # controls trained for the embedded default, one folder each
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",

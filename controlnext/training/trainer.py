@@ -241,6 +241,9 @@ class Trainer:
                              pin_memory=acc.device.type == "cuda")
         batches = iter(loader)
         per_step = config.batch_size * acc.num_processes * config.gradient_accumulation_steps
+        if validation is not None and self.resume_from is None:  # the starting point of the fidelity curve
+            score = self._validate(validation, metric, log)
+            log.write(0, {"epoch": 0.0, **({log.columns[-1]: score} if metric else {})})
         bar = progress_bar(config.max_steps, self.step, main and config.progress_bar)
         last_saved = self.step if self.resume_from else None
         while self.step < config.max_steps:

@@ -1,0 +1,58 @@
+"""Whole-generation time of the embedded default model, with its shipped canny control and without."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def measure_generation(resolution: int = 64, steps: int = 20, guidance_scale: float = 5.0, repeats: int = 5,
+                       warmup: int = 1, threads: int | None = 1, log=print) -> dict | None:
+    """Interleaved rounds of one generation without control and one with; None when the model is not shipped."""
+    import torch
+
+    from ..data.shapes import ShapesWorld
+    from ..pipelines import ControlledPipeline
+    from ..pipelines.base import BUNDLED_CONTROLS, DEFAULT_BASE
+
+    control = BUNDLED_CONTROLS / "canny"
+    if not (DEFAULT_BASE / "model_index.json").is_file() or not control.is_dir():
+        log("generation: the embedded default model or its canny control is not shipped here; skipped")
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    sample = ShapesWorld(resolution=resolution, conditions=("canny",)).sample(0, "test")
+    pipe = ControlledPipeline.from_pretrained(None, [control])
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution, width=resolution)
+
+    def run(name: str) -> float:
+        generator = torch.Generator().manual_seed(0)
+        started = time.perf_counter()
+        if name == "base":
+            pipe.pipe(sample.caption, generator=generator, **options)
+        else:
+            pipe(sample.caption, control_images=[sample.conditions["canny"]], generator=generator, **options)
+        return time.perf_counter() - started
+
+    times = {"base": [], "controlnext": []}
+    log(f"generation: {repeats} rounds + {warmup} warm-up of the embedded default, {steps} steps")
+    for round_ in range(warmup + repeats):
+        for name in times:
+            seconds = run(name)
+            if round_ >= warmup:
+                times[name].append(seconds)
+    ratios = [c / b - 1 for b, c in zip(times["base"], times["controlnext"])]
+
+    def iqr(values):
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        return quartiles[2] - quartiles[0]
+
+    timing = {"median": {k: statistics.median(v) for k, v in times.items()},
+              "iqr": {k: iqr(v) for k, v in times.items()},
+              "overhead": {"controlnext": statistics.median(ratios)}, "overhead_iqr": {"controlnext": iqr(ratios)},
+              "seconds": times}
+    log(f"generation: {timing['median']['base']:.3f} s without control, {timing['median']['controlnext']:.3f} s with "
+        f"({timing['overhead']['controlnext']:+.1%})")
+    return {"resolution": resolution, "steps": steps, "guidance_scale": guidance_scale, "repeats": repeats,
+            "warmup": warmup, "threads": torch.get_num_threads(), "timing": timing}
