@@ -73,12 +73,13 @@ def test_training_cost_runs_each_method_in_its_own_process():
 def test_convergence_run_on_a_tiny_base(tiny_base, tmp_path):
     setup = ConvergenceSetup(base=str(tiny_base), kind="mask", steps=2, validate_every=1, batch_size=2,
                              module_config=TINY_MODULE, validation_count=2, sampling_steps=2, learning_rate=1e-3)
+    assert setup.label == "mask-lr0.001-0.001" and ConvergenceSetup(kind="mask").label == "mask"
     result = run_convergence(setup, tmp_path, log=lambda *_: None)
     assert result["setup"]["metric"] == "mask_iou" and 0 <= result["uncontrolled"] <= 1
     for method in ("controlnext", "controlnet"):
         run = result["methods"][method]
         assert [step for step, _ in run["curve"]] == [0, 1, 2] and run["trainable"] > 0
-        assert (tmp_path / f"mask-{method}" / "control.json").is_file()
+        assert (tmp_path / f"{setup.label}-{method}" / "control.json").is_file()
     assert result["methods"]["controlnet"]["curve"][0][1] == pytest.approx(result["uncontrolled"])  # zero convs
     assert len(list((tmp_path / "validation_conditions").glob("mask-*.png"))) == 2
     plot = plot_curves(result, tmp_path / "plot.png")
@@ -91,11 +92,11 @@ def test_convergence_run_on_a_tiny_base(tiny_base, tmp_path):
     path = tmp_path / "results.json"
     update_results(path, training_cost={**cost, "machine": machine})
     results = update_results(path, convergence=result)
-    assert set(json.loads(path.read_text())["convergence"]) == {"mask"}
+    assert set(json.loads(path.read_text())["convergence"]) == {setup.label}
     text = render_markdown(results)
     assert "## Training cost" in text and "| tiny | 64 px, batch 1 | cpu" in text
-    assert "## Convergence on the shapes world" in text and "benchmarks/convergence-mask.png" in text
-    assert "| mask | mask_iou |" in text and "| 2 |" in text
+    assert "## Convergence on the shapes world" in text and f"benchmarks/convergence-{setup.label}.png" in text
+    assert f"| {setup.label} | mask_iou |" in text and "| 2 |" in text
 
 
 def test_cli_convergence_flags_and_bad_values():

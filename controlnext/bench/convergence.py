@@ -10,6 +10,7 @@ The uncontrolled floor is the same base model sampling the same prompts without 
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,15 @@ class ConvergenceSetup:
     seed: int = 0
     methods: tuple[str, ...] = ("controlnext", "controlnet")
     extra: dict = field(default_factory=dict)  # further TrainConfig fields for both runs
+
+    @property
+    def label(self) -> str:
+        """The kind, plus the learning rates where they are not the defaults: one results entry per label."""
+        default = ConvergenceSetup()
+        rates = (self.learning_rate, self.module_learning_rate)
+        if rates == (default.learning_rate, default.module_learning_rate):
+            return self.kind
+        return f"{self.kind}-lr{self.learning_rate:g}-{self.module_learning_rate:g}"
 
     @property
     def metric(self) -> str:
@@ -153,11 +163,12 @@ def run_convergence(setup: ConvergenceSetup, work_dir: str | Path, log=print) ->
     work_dir = Path(work_dir)
     images, prompts = write_validation_conditions(work_dir / "validation_conditions", setup.kind,
                                                   setup.validation_count, setup.resolution)
-    result = {"setup": {**asdict(setup), "metric": setup.metric}, "machine": machine_info(), "methods": {}}
+    result = {"setup": {**asdict(setup), "metric": setup.metric, "label": setup.label}, "machine": machine_info(), "methods": {}}
     result["uncontrolled"] = uncontrolled_fidelity(setup, images, prompts)
     log(f"{setup.kind}: uncontrolled {setup.metric} {result['uncontrolled']:.3f}")
     for method in setup.methods:
-        output = work_dir / f"{setup.kind}-{method}"
+        output = work_dir / f"{setup.label}-{method}"
+        shutil.rmtree(output, ignore_errors=True)  # a benchmark run starts afresh; the folder is its own
         log(f"{setup.kind}: training {method} for {setup.steps} steps into {output}")
         started = time.time()
         trainer = Trainer(training_config(setup, method, output, images, prompts))

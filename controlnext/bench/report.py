@@ -61,7 +61,8 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
     if training_cost is not None:
         results["training_cost"][f"{training_cost['architecture']}-{training_cost['resolution']}"] = training_cost
     if convergence is not None:
-        results["convergence"][convergence["setup"]["kind"]] = convergence
+        setup = convergence["setup"]
+        results["convergence"][setup.get("label", setup["kind"])] = convergence
     if generation is not None:
         results["generation"] = generation
     path.write_text(json.dumps(results, indent=1))
@@ -153,21 +154,21 @@ def _convergence_tables(entries: dict) -> list[str]:
              "least twice the rise and more than one validation interval (ControlNet's sudden convergence).", "",
              "| condition | metric | no control | method | trainable | start | final | 90% step | plateau | rise "
              "| sudden | steps/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for kind, entry in entries.items():
+    for label, entry in entries.items():
         setup = entry["setup"]
         for method, run in entry["methods"].items():
             trainable = _m(run["trainable"]) if run.get("trainable") else "-"
-            lines.append(f"| {kind} | {setup['metric']} | {entry['uncontrolled']:.3f} | "
+            lines.append(f"| {label} | {setup['metric']} | {entry['uncontrolled']:.3f} | "
                          f"{METHOD_NAMES.get(method, method)} | {trainable} | {run['start']:.3f} | {run['final']:.3f} | "
                          f"{run['steps_to_90']} | {run['plateau_steps']} | {run['rise_steps']} | "
                          f"{'yes' if run['sudden'] else 'no'} | {run['steps_per_second']:.2f} |")
     lines.append("")
-    for kind, entry in entries.items():
+    for label, entry in entries.items():
         setup, speedup = entry["setup"], entry.get("speedup_to_90")
         verdict = ("target (at least 5x sooner) met" if speedup >= 5 else "target (at least 5x sooner) missed"
                    ) if speedup else "no speed-up could be computed"
-        lines += [f"### {kind}", "",
-                  f"![fidelity against steps, {kind}](benchmarks/convergence-{kind}.png)", "",
+        lines += [f"### {label}", "",
+                  f"![fidelity against steps, {label}](benchmarks/convergence-{label}.png)", "",
                   f"ControlNeXt reaches 90% of its final fidelity "
                   + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}."),
                   f"Setup: {setup['steps']} steps of batch {setup['batch_size']} at {setup['resolution']} px; learning "

@@ -84,7 +84,7 @@ def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
 
     result = run_convergence(setup, work_dir, log=log)
     plots = Path(plots_dir) if plots_dir else Path(output_path).resolve().parent / "benchmarks"
-    plot_curves(result, plots / f"convergence-{setup.kind}.png")
+    plot_curves(result, plots / f"convergence-{setup.label}.png")
     results = update_results(results_path, convergence=result)
     Path(output_path).write_text(render_markdown(results, command))
     return result

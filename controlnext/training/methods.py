@@ -25,7 +25,7 @@ from .config import TrainConfig
 class TrainingMethod:
     """How to build a fresh control model for a base UNet and how to save a trained one."""
 
-    build: Callable[[nn.Module, TrainConfig], nn.Module]  # (base UNet, config) -> control model
+    build: Callable[..., nn.Module]  # (base UNet, config, vae_scale_factor=8) -> control model
     save: Callable[..., Path]  # (path, model, unet_weights, *, original_weights, increments, metadata) -> path
     auto_trainable: Callable[[bool], str]  # is_sdxl -> the preset "--trainable auto" means
 
@@ -48,8 +48,10 @@ def parse_module_config(text: str | None) -> dict:
     return values
 
 
-def build_controlnext(unet: nn.Module, config: TrainConfig) -> ControlNeXtModel:
-    """A fresh module: a named official layout, or our sizes with the injection point and width of this base."""
+def build_controlnext(unet: nn.Module, config: TrainConfig, vae_scale_factor: int = 8) -> ControlNeXtModel:
+    """A fresh module: a named official layout, or our sizes with the injection point and width of this base.
+
+    Any image-to-latent factor works: the module pools its features to the size of the injection point."""
     if config.module_variant:
         if config.module_variant not in VARIANTS:
             raise ControlNextError(f"unknown --module-variant {config.module_variant!r}; known: {', '.join(VARIANTS)}")
@@ -85,11 +87,17 @@ class _Parameters:
         return iter(self.tensors.items())
 
 
-def build_controlnet(unet: nn.Module, config: TrainConfig) -> nn.Module:
-    """A ControlNet copied from this base's encoder, its zero convolutions at zero (Zhang et al., Sec. 3.1)."""
+def build_controlnet(unet: nn.Module, config: TrainConfig, vae_scale_factor: int = 8) -> nn.Module:
+    """A ControlNet copied from this base's encoder, its zero convolutions at zero (Zhang et al., Sec. 3.1).
+
+    Its condition encoder halves the image once per step from pixels to latents: diffusers' widths
+    (16, 32, 96, 256) for SD's factor 8, fewer levels for a VAE of a smaller factor.
+    """
     from ..models import ControlNet
 
-    return ControlNet.from_unet(unet)
+    levels = max(int(vae_scale_factor).bit_length() - 1, 0)  # log2 of the factor
+    widths = (16, 32, 96, 256, 256, 256)[:levels + 1]
+    return ControlNet.from_unet(unet, conditioning_embedding_out_channels=widths)
 
 
 def save_controlnet_training(path, model, unet_weights, *, original_weights=None, increments=False, metadata=None):

@@ -156,7 +156,8 @@ class Trainer:
         if not config.init_control:
             with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, whatever ran before
                 torch.manual_seed(derive_seed(config.seed, 0x1417))
-                return self.method.build(self.base.unet, config), {}
+                factor = 2 ** (len(self.base.vae.config.block_out_channels) - 1)  # image side / latent side
+                return self.method.build(self.base.unet, config, vae_scale_factor=factor), {}
         loaded = load_control(config.init_control, self.base.unet)
         if loaded.method != config.method:
             raise ControlNextError(f"--init-control {config.init_control} holds a {loaded.method} control; "

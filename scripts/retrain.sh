@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Retrain the embedded default model and its controls from scratch, then copy them into the package.
+#   bash scripts/retrain.sh            # base model (~30 min on 2 CPU cores), then the canny and mask controls (~4 min each)
+#   bash scripts/retrain.sh controls   # only the controls, on the base model already in controlnext/assets/base
+# Same seeds and thread count give the same weights on the same machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs}
+ASSETS=controlnext/assets
+MODULE='{"stem_channels": [16, 16, 32], "block_out_channels": [32, 64], "block_groups": [4, 8], "time_proj_dim": 32, "time_embed_dim": 64}'
+
+if [ "${1:-all}" != controls ]; then
+  python scripts/train_base.py --output "$RUNS/base" --log "$RUNS/base.log"
+  rm -rf "$ASSETS/base" && cp -r "$RUNS/base" "$ASSETS/base"
+fi
+
+for kind in canny mask; do
+  metric=edge_f1; [ "$kind" = mask ] && metric=mask_iou
+  rm -rf "$RUNS/control-$kind"
+  OMP_NUM_THREADS=2 controlnext train --data "shapes-$kind" --resolution 64 --module-config "$MODULE" \
+    --learning-rate 1e-3 --module-learning-rate 1e-3 --lr-scheduler cosine --batch-size 16 --max-steps 800 \
+    --checkpoint-every 0 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
+    --validation-metric "$metric" --no-progress-bar --no-tensorboard --output-dir "$RUNS/control-$kind"
+  rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"
+  cp "$RUNS/control-$kind"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
+    "$ASSETS/controls/$kind/"
+done
+python scripts/quality.py --count 100

@@ -1,0 +1,50 @@
+"""The controls shipped with the embedded default model: they must really place and shape the objects.
+
+Floors sit well below the fidelity measured by scripts/quality.py (figures in the README) and far above
+what the same model scores without control, on a few held-out scenes so that the check stays quick.
+"""
+
+import pytest
+import torch
+
+from controlnext.control.loading import load_control
+from controlnext.evaluation import evaluate_control
+from controlnext.pipelines import ControlledPipeline
+from controlnext.pipelines.base import BUNDLED_CONTROLS, DEFAULT_BASE
+
+# kind -> (floor with control, ceiling of the uncontrolled score): measured values in the README
+FLOORS = {"canny": (0.35, 0.15), "mask": (0.6, 0.3)}
+
+
+def shipped(kind: str) -> bool:
+    return (DEFAULT_BASE / "model_index.json").is_file() and (BUNDLED_CONTROLS / kind / "control.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    pipe = ControlledPipeline.from_pretrained(None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", FLOORS)
+def test_shipped_control_follows_its_condition(base_pipe, kind):
+    if not shipped(kind):
+        pytest.skip(f"the {kind} control is not shipped in this checkout")
+    pipe = ControlledPipeline(base_pipe.pipe, [load_control(BUNDLED_CONTROLS / kind, base_pipe.pipe.unet)])
+    scores = evaluate_control(pipe, kind, count=8, steps=10, batch=8)
+    floor, uncontrolled_ceiling = FLOORS[kind]
+    assert scores["controlled"] >= floor, scores
+    assert scores["uncontrolled"] <= uncontrolled_ceiling, scores
+    assert scores["controlled"] >= scores["uncontrolled"] + 0.25
+
+
+@pytest.mark.parametrize("kind", FLOORS)
+def test_shipped_control_is_small_safetensors_for_this_base(kind):
+    if not shipped(kind):
+        pytest.skip(f"the {kind} control is not shipped in this checkout")
+    files = list((BUNDLED_CONTROLS / kind).iterdir())
+    assert all(path.suffix in (".json", ".safetensors") for path in files), files
+    assert sum(path.stat().st_size for path in files) < 2 * 2**20
+    control = load_control(BUNDLED_CONTROLS / kind, ControlledPipeline.from_pretrained(None).pipe.unet)
+    assert control.method == "controlnext" and next(control.model.parameters()).dtype == torch.float32
