@@ -111,3 +111,16 @@ def test_cli_convergence_flags_and_bad_values():
         bench.run(parser.parse_args(["bench", "--convergence", "--steps", "0"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--convergence", "--kind", "depth"])
+
+
+def test_common_bar_counts_a_run_that_never_reaches_it():
+    from controlnext.bench.convergence import compare
+
+    fast = [(0, 0.1), (100, 0.5), (200, 0.6), (300, 0.6), (400, 0.6)]
+    slow = [(0, 0.1), (100, 0.1), (200, 0.1), (300, 0.2), (400, 0.3)]
+    result = compare({"methods": {"controlnext": {"curve": fast, **summarize(fast)},
+                                  "controlnet": {"curve": slow, **summarize(slow)}}})
+    assert result["common_bar"] == pytest.approx(0.54)
+    assert result["methods"]["controlnext"]["steps_to_common_bar"] == 200
+    assert result["methods"]["controlnet"]["steps_to_common_bar"] is None
+    assert result["speedup_to_90"] == pytest.approx(300 / 200)  # its own low final flatters the slow run

@@ -180,10 +180,25 @@ def run_convergence(setup: ConvergenceSetup, work_dir: str | Path, log=print) ->
                                      "trainable": trainable, "output": str(output), **summary}
         log(f"{setup.kind}: {method} final {setup.metric} {summary['final']:.3f}, 90% of it at step "
             f"{summary['steps_to_90']}, sudden: {summary['sudden']}")
+    return compare(result)
+
+
+def compare(result: dict) -> dict:
+    """Add the comparisons of both methods to a convergence result (from its curves alone).
+
+    speedup_to_90: ControlNet's steps to 90% of its own final fidelity over ControlNeXt's. A run that has
+    not converged within the budget has a low "final" value, which flatters it, so a common bar is also
+    reported: 90% of the better final fidelity, and the steps each method needs to reach it (None: not
+    within the budget).
+    """
     methods = result["methods"]
     if {"controlnext", "controlnet"} <= set(methods):
         fast, slow = methods["controlnext"]["steps_to_90"], methods["controlnet"]["steps_to_90"]
         result["speedup_to_90"] = (slow / max(fast, 1)) if fast is not None and slow is not None else None
+    bar = 0.9 * max(run["final"] for run in methods.values())
+    result["common_bar"] = bar
+    for run in methods.values():
+        run["steps_to_common_bar"] = next((step for step, value in run["curve"] if value >= bar), None)
     return result
 
 

@@ -167,10 +167,17 @@ def _convergence_tables(entries: dict) -> list[str]:
         setup, speedup = entry["setup"], entry.get("speedup_to_90")
         verdict = ("target (at least 5x sooner) met" if speedup >= 5 else "target (at least 5x sooner) missed"
                    ) if speedup else "no speed-up could be computed"
+        bar = entry.get("common_bar")
+        reached = {m: run.get("steps_to_common_bar") for m, run in entry["methods"].items()}
+        common = ("Common bar (90% of the better final fidelity, " + f"{bar:.3f}): " + ", ".join(
+            f"{METHOD_NAMES.get(m, m)} at step {s}" if s is not None else
+            f"{METHOD_NAMES.get(m, m)} not within {setup['steps']} steps" for m, s in reached.items()) + "."
+                  ) if bar is not None else ""
         lines += [f"### {label}", "",
                   f"![fidelity against steps, {label}](benchmarks/convergence-{label}.png)", "",
                   f"ControlNeXt reaches 90% of its final fidelity "
-                  + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}."),
+                  + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}.")
+                  + (f" {common}" if common else ""),
                   f"Setup: {setup['steps']} steps of batch {setup['batch_size']} at {setup['resolution']} px; learning "
                   f"rate {setup['learning_rate']:g} (ControlNet, ControlNeXt's UNet weights) and "
                   f"{setup['module_learning_rate']:g} (ControlNeXt's module); validation every "

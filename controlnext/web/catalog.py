@@ -8,9 +8,8 @@ from typing import Iterable, Literal
 
 from ..control.loading import MODULE_FILES
 from ..errors import ControlNextError
-from ..pipelines.base import DEFAULT_BASE
+from ..pipelines.base import BUNDLED_CONTROLS, DEFAULT_BASE
 
-BUNDLED_CONTROLS = Path(__file__).resolve().parent.parent / "assets" / "controls"
 Kind = Literal["base", "control", "lora"]
 SCAN_DEPTH = 2  # a models folder, its children and grandchildren (e.g. models/controls/canny)
 
