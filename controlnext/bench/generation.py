@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
 import time
+
+from .overhead import median_iqr
 
 
 def measure_generation(resolution: int = 64, steps: int = 20, guidance_scale: float = 5.0, repeats: int = 5,
@@ -42,17 +43,17 @@ def measure_generation(resolution: int = 64, steps: int = 20, guidance_scale: fl
             seconds = run(name)
             if round_ >= warmup:
                 times[name].append(seconds)
-    ratios = [c / b - 1 for b, c in zip(times["base"], times["controlnext"])]
-
-    def iqr(values):
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        return quartiles[2] - quartiles[0]
-
-    timing = {"median": {k: statistics.median(v) for k, v in times.items()},
-              "iqr": {k: iqr(v) for k, v in times.items()},
-              "overhead": {"controlnext": statistics.median(ratios)}, "overhead_iqr": {"controlnext": iqr(ratios)},
-              "seconds": times}
+    timing = generation_timing(times)
     log(f"generation: {timing['median']['base']:.3f} s without control, {timing['median']['controlnext']:.3f} s with "
         f"({timing['overhead']['controlnext']:+.1%})")
     return {"resolution": resolution, "steps": steps, "guidance_scale": guidance_scale, "repeats": repeats,
             "warmup": warmup, "threads": torch.get_num_threads(), "timing": timing}
+
+
+def generation_timing(times: dict[str, list[float]]) -> dict:
+    """Medians and IQRs of each configuration's seconds, and of the per-round overhead of control."""
+    ratios = [c / b - 1 for b, c in zip(times["base"], times["controlnext"])]
+    spread = {name: median_iqr(values) for name, values in times.items()}
+    overhead, overhead_iqr = median_iqr(ratios)
+    return {"median": {k: v[0] for k, v in spread.items()}, "iqr": {k: v[1] for k, v in spread.items()},
+            "overhead": {"controlnext": overhead}, "overhead_iqr": {"controlnext": overhead_iqr}, "seconds": times}

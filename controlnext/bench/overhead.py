@@ -143,11 +143,11 @@ def summarize(seconds: dict[str, list[float]], precompute: float) -> dict:
     summary = {"seconds": seconds, "median": {}, "iqr": {}, "overhead": {}, "overhead_iqr": {},
                "fastest_overhead": {}, "precompute": precompute}
     for name, values in seconds.items():
-        summary["median"][name], summary["iqr"][name] = _median_iqr(values)
+        summary["median"][name], summary["iqr"][name] = median_iqr(values)
         if name != "base":
             offset = 1 if name in CONFIGURATIONS else 0
             ratios = [value / b - offset for value, b in zip(values, base)]  # paired: same round, same load
-            summary["overhead"][name], summary["overhead_iqr"][name] = _median_iqr(ratios)
+            summary["overhead"][name], summary["overhead_iqr"][name] = median_iqr(ratios)
             summary["fastest_overhead"][name] = min(values) / min(base) - offset
     return summary
 
@@ -192,7 +192,8 @@ def _timed(clocks: dict, call) -> dict[str, float]:
     return {clock: read() - start[clock] for clock, read in clocks.items()}
 
 
-def _median_iqr(values: list[float]) -> tuple[float, float]:
+def median_iqr(values: list[float]) -> tuple[float, float]:
+    """Median and interquartile range (inclusive quartiles) of timings; a single value has no spread."""
     if len(values) < 2:
         return (values[0] if values else float("nan")), 0.0
     quartiles = statistics.quantiles(values, n=4, method="inclusive")

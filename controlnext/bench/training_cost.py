@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
-import statistics
 import time
 from pathlib import Path
+
+from .overhead import median_iqr
 
 METHODS = ("controlnext", "controlnet")
 
@@ -98,9 +99,9 @@ def measure_method(method: str, architecture: str | dict = "sd15", resolution: i
         if step >= warmup:
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"method": method, "trainable": trainable, "step_seconds": times, "median": statistics.median(times),
-            "iqr": quartiles[2] - quartiles[0], "built_bytes": built_bytes, "peak_bytes": peak,
+    median, iqr = median_iqr(times)
+    return {"method": method, "trainable": trainable, "step_seconds": times, "median": median,
+            "iqr": iqr, "built_bytes": built_bytes, "peak_bytes": peak,
             "memory": "cuda max_memory_allocated" if cuda else "peak resident set (ru_maxrss)"}
 
 
