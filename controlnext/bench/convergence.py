@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ControlNextError
-
-METRIC_OF_KIND = {"canny": "edge_f1", "outline": "edge_f1", "mask": "mask_iou"}
+from ..evaluation import CONTROL_METRICS, held_out
 
 
 @dataclass
@@ -53,20 +52,16 @@ class ConvergenceSetup:
 
     @property
     def metric(self) -> str:
-        if self.kind not in METRIC_OF_KIND:
-            raise ControlNextError(f"unknown condition kind {self.kind!r}; pick one of {', '.join(METRIC_OF_KIND)}")
-        return METRIC_OF_KIND[self.kind]
+        if self.kind not in CONTROL_METRICS:
+            raise ControlNextError(f"unknown condition kind {self.kind!r}; pick one of {', '.join(CONTROL_METRICS)}")
+        return CONTROL_METRICS[self.kind]
 
 
 def write_validation_conditions(folder: Path, kind: str, count: int, resolution: int) -> tuple[list[str], list[str]]:
     """The first `count` held-out scenes' conditions as PNG files, and their captions."""
-    from ..data.shapes import ShapesWorld
-
     folder.mkdir(parents=True, exist_ok=True)
-    world = ShapesWorld(resolution=resolution, conditions=(kind,))
     paths, prompts = [], []
-    for index in range(count):
-        sample = world.sample(index, "test")
+    for index, sample in enumerate(held_out(count, kind, resolution)):
         path = folder / f"{kind}-{index:03d}.png"
         sample.conditions[kind].save(path)
         paths.append(str(path))
@@ -113,8 +108,9 @@ def summarize(curve: list[tuple[int, float]], tail: int = 3) -> dict:
 
     The rise is measured on the gain over the step-0 value: "plateau" is the step where 10% of the final
     gain is first reached, "rise" the steps from there to 90% of the gain. A curve is called sudden
-    (ControlNet's "sudden convergence", Zhang et al., Sec. 4.1) when its plateau lasts at least twice as
-    long as its rise.
+    (ControlNet's "sudden convergence", Zhang et al., Sec. 4.1) when its plateau outlasts the first
+    validation interval and lasts at least twice as long as its rise (a rise within one interval counting
+    as one interval).
     """
     if not curve:
         raise ControlNextError("no validation points to summarize; validate more often than the run is long")
