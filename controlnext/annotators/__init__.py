@@ -21,18 +21,18 @@ from .openpose_format import (
     read_openpose_json,
     render_openpose_json,
 )
-from .registry import AnnotatorSpec, annotate, get_annotator, list_annotators, parse_options, register_annotator
+from .registry import AnnotatorSpec, annotate, annotate_at_size, get_annotator, list_annotators, parse_options, register_annotator
 from .segments import color_segments
 from .semantic_segmentation import segmentation
 from .shuffle import content_shuffle
 from .upscaling import blur, tile
 
 
-register_annotator("canny", canny, resample="binary")
+register_annotator("canny", canny, resample="lines")
 register_annotator("lineart", lineart)
-register_annotator("scribble", scribble, resample="binary")
+register_annotator("scribble", scribble, resample="lines")
 register_annotator("softedge", softedge)
-register_annotator("lines", straight_lines, resample="binary")
+register_annotator("lines", straight_lines, resample="lines")
 register_annotator("mask", mask, resample="binary")
 register_annotator("shuffle", content_shuffle)
 register_annotator("color_segments", color_segments, resample="nearest")
@@ -48,6 +48,7 @@ __all__ = [
     "AnnotatorSpec",
     "PersonKeypoints",
     "annotate",
+    "annotate_at_size",
     "detect_people",
     "draw_openpose",
     "get_annotator",

@@ -5,23 +5,34 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ControlNextError
+
+if TYPE_CHECKING:
+    import torch
 
 _FOLDER_LAYOUT = "a folder saved with save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available, else the CPU; any other string is passed to torch."""
+    """'auto' picks CUDA when available, else the CPU; a device this machine lacks is refused in one line."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ControlNextError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ControlNextError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ControlNextError(f"device {device!r} is not available: this machine has {found}; use device=cpu or auto")
+    if chosen.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ControlNextError(f"device {device!r} is not available on this machine; use device=cpu or auto")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise ControlNextError(f"device {device!r} is not supported here; use auto, cpu, cuda or mps")
+    return chosen
 
 
 def load_local_model(model_path: str | Path | None, auto_class: str, task: str, examples: str) -> tuple[Any, Any]:
