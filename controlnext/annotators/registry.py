@@ -12,6 +12,7 @@ edges a 512-pixel image has, not a 3000-pixel map shrunk until its one-pixel lin
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -61,6 +62,8 @@ class AnnotatorSpec:
             if key not in known:
                 listed = ", ".join(known) or "none"
                 raise ControlNextError(f"annotator {self.name!r} has no option {key!r}; its options: {listed}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ControlNextError(f"option {key}={value} of annotator {self.name!r} must be a finite number")
             choices = _literal_choices(self.option_types()[key])
             if choices and value not in choices:
                 raise ControlNextError(
