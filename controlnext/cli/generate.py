@@ -72,12 +72,8 @@ def resolve_control(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..errors import ControlNextError
     from ..images import load_image, to_rgb
-    from ..pipelines import ControlledPipeline
-    from ..pipelines.base import resolve_dtype
 
     if len(args.image) != len(args.control):
         raise ControlNextError(f"{len(args.control)} --control but {len(args.image)} --image; give one image per control")
@@ -87,24 +83,32 @@ def run(args: argparse.Namespace) -> int:
         raise ControlNextError(f"--task {args.task} needs --init-image")
     if args.task == "inpaint" and not args.mask:
         raise ControlNextError("--task inpaint needs --mask")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = resolve_dtype(args.dtype or ("fp32" if device == "cpu" else "fp16"), device)
     annotators = args.annotator or []
     if annotators and len(annotators) not in (1, len(args.control)):
         raise ControlNextError("give one --annotator, or one per --control")
+    names = [annotators[i if len(annotators) > 1 else 0] if annotators else "none" for i in range(len(args.image))]
+    if any(name != "none" for name in names):
+        from ..annotators import annotate_at_size, get_annotator
 
-    conditions = []
-    for i, path in enumerate(args.image):
+        for name in set(names) - {"none"}:
+            get_annotator(name)  # an unknown name fails now, before the models load
+    sources = []
+    for path in args.image:
         image = load_image(path)
         if "A" in image.getbands() or "transparency" in image.info:
             print(f"note: {path} has transparency; transparent pixels count as black", file=sys.stderr)
-        name = annotators[i if len(annotators) > 1 else 0] if annotators else "none"
-        if name != "none":
-            from ..annotators import annotate
+        sources.append(image)
 
-            image = annotate(name, image)
-        conditions.append(to_rgb(image))
+    import torch
 
+    from ..pipelines import ControlledPipeline
+    from ..pipelines.base import resolve_dtype
+    from . import quiet_loading_bars
+
+    if not args.debug:
+        quiet_loading_bars()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = resolve_dtype(args.dtype or ("fp32" if device == "cpu" else "fp16"), device)
     pipe = ControlledPipeline.from_pretrained(
         args.base, [resolve_control(c) for c in args.control], task=args.task, device=device, dtype=dtype,
         scheduler=args.scheduler, loras=[parse_lora(x) for x in args.lora], allow_pickle=args.allow_pickle,
@@ -125,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         kwargs.update(image=to_rgb(load_image(args.init_image)), strength=args.strength)
         if args.task == "inpaint":
             kwargs["mask_image"] = to_rgb(load_image(args.mask))
+    size = pipe.generation_size(kwargs)  # conditions are annotated at the size they are used at
+    conditions = [
+        to_rgb(image) if name == "none" else annotate_at_size(name, image, size) for name, image in zip(names, sources)
+    ]
     result = pipe(
         args.prompt, control_images=conditions, control_scales=args.scale,
         control_starts=args.start if args.start is not None else 0.0,
