@@ -33,16 +33,23 @@ def available_annotators() -> list[str]:
     return ["none", *list_annotators()]
 
 
-def annotate_condition(name: str, image: Image.Image, options: dict | None = None) -> Image.Image:
-    """The condition image an annotator makes from `image` ('none': the image itself, in RGB)."""
+def annotate_condition(
+    name: str, image: Image.Image, options: dict | None = None, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """The condition image an annotator makes from `image` ('none': the image itself, in RGB).
+
+    With `size` (a generation's width, height) it is annotated at that size, as the control will see it.
+    """
     if name == "none":
         if options:
             raise ControlNextError("annotator 'none' takes no options")
         return to_rgb(image)
     try:
-        from ..annotators import annotate
+        from ..annotators import annotate, annotate_at_size
     except ImportError:
         raise ControlNextError(f"annotator {name!r} is not available: this installation has no annotators") from None
+    if size is not None:
+        return annotate_at_size(name, image, size, **(options or {}))
     return to_rgb(annotate(name, image, **(options or {})))
 
 
@@ -99,7 +106,7 @@ class Engine:
         base = self.catalog.find("base", request.base)
         controls = [self.catalog.find("control", c.control) for c in request.controls]
         loras = [(self.catalog.find("lora", x.lora).path, x.weight) for x in request.loras]
-        conditions = [annotate_condition(c.annotator, c.image, c.annotator_options) for c in request.controls]
+        _check_annotators(request)
         pipe, key = self.pipeline(base, controls, request.task, loras)
         pipe.pipe.scheduler = self._schedulers[key]
         set_scheduler(pipe.pipe, request.scheduler)
@@ -121,6 +128,8 @@ class Engine:
                 kwargs["mask_image"] = to_rgb(request.mask)
         if progress is not None:
             kwargs["callback_on_step_end"] = _step_callback(progress, request.steps)
+        size = pipe.generation_size(kwargs)  # conditions are annotated at the size they are used at
+        conditions = [annotate_condition(c.annotator, c.image, c.annotator_options, size) for c in request.controls]
         result = pipe(
             request.prompt, control_images=conditions, control_scales=scales,
             control_starts=[c.start for c in request.controls], control_ends=[c.end for c in request.controls],
@@ -149,6 +158,21 @@ class Engine:
             "steps": request.steps, "guidance": request.guidance, "scheduler": request.scheduler, "seed": seed,
             "width": size[0], "height": size[1], "dtype": DTYPE_NAMES.get(self.dtype),
         }
+
+
+def _check_annotators(request: GenerateRequest) -> None:
+    """Refuse an unknown annotator or option before a pipeline loads."""
+    if any(c.annotator == "none" and c.annotator_options for c in request.controls):
+        raise ControlNextError("annotator 'none' takes no options")
+    named = [c for c in request.controls if c.annotator != "none"]
+    if not named:
+        return
+    try:
+        from ..annotators import get_annotator
+    except ImportError:
+        raise ControlNextError("annotators are not available: this installation has no annotators") from None
+    for control in named:
+        get_annotator(control.annotator).check_options(control.annotator_options)
 
 
 def _fingerprint(image: Image.Image | None) -> str | None:
