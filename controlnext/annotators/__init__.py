@@ -1,11 +1,13 @@
 """Condition preprocessors ("annotators"): turn a photo into the condition image a control was trained on.
 
     from controlnext.annotators import annotate
-    edges = annotate("canny", photo, resolution=512, low_threshold=100, high_threshold=200)
+    edges = annotate("canny", photo, output_size=(512, 512), low_threshold=100, high_threshold=200)
 
 Every annotator has one signature, `fn(image, *, options...) -> RGB image`, and one registry line below.
-Weight-free annotators use OpenCV/numpy; `openpose` needs the `pose` extra (mediapipe, offline);
-`depth`, `normals`, `segmentation` and learned `softedge` load weights from a local folder (`model_path`).
+Conditions are annotated at the size they are used at (`output_size`, `annotate_at_size`).
+Weight-free annotators use OpenCV/numpy; `openpose` and `mask source=person` need the `pose` extra
+(mediapipe, offline); `depth`, `normals`, `segmentation` and learned `softedge` load weights from a
+local folder (`model_path`). Importing this package does not import torch or mediapipe.
 """
 
 from .depth_estimation import depth, normals

@@ -56,7 +56,7 @@ def run(args) -> int:
 
     if args.threads is not None and args.threads <= 0:
         raise ControlNextError(f"--threads must be positive, not {args.threads}")
-    if not args.debug:
+    if not getattr(args, "debug", False):
         from . import quiet_loading_bars
 
         quiet_loading_bars()

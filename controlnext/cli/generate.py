@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines.base import resolve_dtype
     from . import quiet_loading_bars
 
-    if not args.debug:
+    if not getattr(args, "debug", False):
         quiet_loading_bars()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = resolve_dtype(args.dtype or ("fp32" if device == "cpu" else "fp16"), device)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = WebConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WebConfig)})
     config.check()
-    if not args.debug:
+    if not getattr(args, "debug", False):
         from . import quiet_loading_bars
 
         quiet_loading_bars()

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import train
     from . import quiet_loading_bars
 
-    if not args.debug:
+    if not getattr(args, "debug", False):
         quiet_loading_bars()
     output = train(config)
     if PartialState().is_main_process:
