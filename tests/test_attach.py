@@ -195,3 +195,19 @@ def test_weights_for_another_base_are_refused():
     bad = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0.weight": torch.zeros(3, 3)}
     with pytest.raises(ControlNextError, match="base model"):
         attach_control(unet, ControlUnit(tiny_controlnext(), None, unet_weights=bad))
+
+
+@pytest.mark.parametrize("point,channels,pool_first", POINTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_blank_condition_gives_a_finite_unet_output_in_half_precision(dtype, point, channels, pool_first):
+    unet = tiny_unet().to(dtype)
+    model = tiny_controlnext(out_channels=channels, injection=point, pool_before_norm=pool_first)
+    with torch.no_grad():
+        model.mid_convs[1].weight.zero_()  # a flat control whatever the condition: nothing to divide by
+        model.mid_convs[1].bias.fill_(0.25)
+    model = model.to(dtype)
+    sample, t, text, _ = inputs()
+    blank = torch.zeros(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad(), attach_control(unet, ControlUnit(model, blank, scale=1.0)):
+        out = unet(sample.to(dtype), t, text.to(dtype)).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()

@@ -53,18 +53,26 @@ def cross_normalize(
     "official": c' = (c - mean(c)) * std(x) / (std(c) + eps) + mean(x), unbiased std, per sample,
     as the released code computes it. "paper": c' = (c - mean(x)) / sqrt(var(x) + eps), the paper's Eq.
     with gamma = 1. Statistics are per sample, so `control` may have another spatial size than x.
+
+    Computed in at least fp32 and returned in x's dtype: eps 1e-12 is zero in fp16, where a flat control
+    (std 0) would otherwise give 0 * inf = NaN.
     """
+    dtype = x.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    x, control = x.to(work), control.to(work)
     dims = tuple(range(1, x.ndim))
     mean_x = x.mean(dim=dims, keepdim=True)  # (b, 1, 1, 1)
     if mode == "official":
         std_x = x.std(dim=dims, keepdim=True)
         mean_c = control.mean(dim=dims, keepdim=True)
         std_c = control.std(dim=dims, keepdim=True)
-        return (control - mean_c) * (std_x / (std_c + eps)) + mean_x
-    if mode == "paper":
+        out = (control - mean_c) * (std_x / (std_c + eps)) + mean_x
+    elif mode == "paper":
         var_x = x.var(dim=dims, keepdim=True, unbiased=False)
-        return (control - mean_x) / torch.sqrt(var_x + eps)
-    raise ValueError(f"unknown cross-normalization mode {mode!r}; use 'official' or 'paper'")
+        out = (control - mean_x) / torch.sqrt(var_x + eps)
+    else:
+        raise ValueError(f"unknown cross-normalization mode {mode!r}; use 'official' or 'paper'")
+    return out.to(dtype)
 
 
 class ControlNeXtModel(ModelMixin, ConfigMixin):
