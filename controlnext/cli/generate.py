@@ -169,9 +169,9 @@ def parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> d
              "unet_weights": _nth(args.unet_weights, k, "auto")}
             for k, (c, i) in enumerate(zip(args.control, args.image))
         ],
-        "apply_to": args.apply_to, "resize_mode": args.resize_mode, "loras": args.lora, "steps": args.steps, "guidance": args.guidance,
-        "scheduler": args.scheduler, "seed": args.seed + index, "width": size[0], "height": size[1],
-        "dtype": args.dtype,
+        "apply_to": args.apply_to, "resize_mode": args.resize_mode, "loras": args.lora, "steps": args.steps,
+        "guidance": args.guidance, "scheduler": args.scheduler, "seed": args.seed + index, "width": size[0],
+        "height": size[1], "dtype": args.dtype,
     }
 
 
