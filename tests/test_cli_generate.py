@@ -108,3 +108,38 @@ def test_unknown_annotator_lists_the_known_ones(tmp_path, tiny_base, tiny_contro
             "--annotator", "telepathy"]
     assert main(argv) == 2
     assert "canny" in capsys.readouterr().err
+
+
+def test_resize_mode_and_unet_weights_flags(tmp_path, tiny_base, condition, capsys):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from controlnext.control.loading import save_controlnext
+    from controlnext.testing import tiny_controlnext
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    trained = {k: p.detach() + 0.1 * p.detach().std() * torch.randn(p.shape, generator=g)
+               for k, p in unet.named_parameters() if "to_out" in k}
+    control = save_controlnext(tmp_path / "trained", tiny_controlnext(seed=3), trained)
+    runs = {name: generate(tmp_path, tiny_base, control, condition, f"{name}.png", *flags) for name, flags in {
+        "auto": (), "absolute": ("--unet-weights", "absolute"), "increments": ("--unet-weights", "increments"),
+        "stretched": ("--resize-mode", "just_resize"),
+    }.items()}
+    pixels = {name: np.asarray(Image.open(path)) for name, path in runs.items()}
+    np.testing.assert_array_equal(pixels["auto"], pixels["absolute"])  # the tensors read as absolute weights
+    assert not np.array_equal(pixels["auto"], pixels["increments"])
+    assert not np.array_equal(pixels["auto"], pixels["stretched"])  # the 70 x 90 condition is stretched, not cropped
+    params = read_parameters(runs["stretched"])
+    assert params["resize_mode"] == "just_resize" and params["controls"][0]["unet_weights"] == "auto"
+    assert read_parameters(runs["increments"])["controls"][0]["unet_weights"] == "increments"
+
+    capsys.readouterr()
+    for flags, message in ((("--resize-mode", "squash"), "unknown resize mode"),
+                           (("--unet-weights", "relative"), "unknown --unet-weights"),
+                           (("--unet-weights", "auto", "--unet-weights", "auto"), "one per --control")):
+        argv = ["generate", "-p", "x", "--base", str(tiny_base), "-c", str(control), "-i", str(condition),
+                "--steps", "1", "-o", str(tmp_path / "bad.png"), *flags]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len([line for line in err if "error" in line]) == 1 and message in err[-1]

@@ -6,14 +6,16 @@ import torch
 from controlnext.models import VARIANTS, ControlNeXtModel, cross_normalize
 
 
-@pytest.mark.parametrize("variant,params_m,channels", [
-    ("sdxl", 3.53, 320), ("sd15", 3.53, 320), ("sd15-v1", 5.35, 1280), ("svd", 3.53, 320),
+# the SVD-v2 release's unpadded stem takes 4 pixels off the half-size map: 64 px -> 32 -> 28 -> 14 -> 7
+@pytest.mark.parametrize("variant,params_m,channels,side", [
+    ("sdxl", 3.53, 320, 8), ("sd15", 3.53, 320, 8), ("sd15-v1", 5.35, 1280, 8), ("svd", 3.53, 320, 7),
+    ("svd-training", 3.53, 320, 8),
 ])
-def test_official_layouts_have_the_released_sizes(variant, params_m, channels):
+def test_official_layouts_have_the_released_sizes(variant, params_m, channels, side):
     model = ControlNeXtModel.from_variant(variant)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params_m
     out = model(torch.rand(1, 3, 64, 64), torch.tensor(10))
-    assert out.shape == (1, channels, 8, 8)
+    assert out.shape == (1, channels, side, side)
 
 
 def test_official_cross_normalization_takes_the_base_statistics():

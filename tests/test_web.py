@@ -171,6 +171,24 @@ def test_several_images_get_consecutive_seeds(server, names):
     assert not np.array_equal(np.asarray(decode(images[0])), np.asarray(decode(images[1])))
 
 
+def test_resize_mode_and_unet_weights_reach_the_library_and_the_parameters(server, names):
+    body = request_body(names, resize_mode="just_resize")
+    body["controls"][0]["unet_weights"] = "absolute"
+    response = server.post("/api/generate", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()["images"][0]
+    assert answer["parameters"]["resize_mode"] == "just_resize"
+    assert answer["parameters"]["controls"][0]["unet_weights"] == "absolute"
+    cropped = server.post("/api/generate", json=request_body(names)).json()["images"][0]
+    assert cropped["parameters"]["resize_mode"] == "crop_and_resize"
+    assert cropped["parameters"]["controls"][0]["unet_weights"] == "auto"
+    assert not np.array_equal(np.asarray(decode(answer)), np.asarray(decode(cropped)))
+    for bad, field in ((request_body(names, resize_mode="squash"), "resize_mode"),
+                       (with_control(unet_weights="relative")(request_body(names)), "unet_weights")):
+        response = server.post("/api/generate", json=bad)
+        assert response.status_code == 422 and field in response.json()["error"]
+
+
 def test_annotate(server):
     from controlnext.web.engine import available_annotators
 

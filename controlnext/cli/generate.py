@@ -30,7 +30,14 @@ def add_parser(subparsers, parent) -> None:
     p.add_argument("--end", action="append", type=float, default=None, help="fraction of the schedule where control ends")
     p.add_argument("--apply-to", choices=["both", "cond"], default="both",
                    help="apply control to both classifier-free guidance halves (official) or the conditional one")
-    p.add_argument("--variant", default=None, help="official ControlNeXt layout of a release file (sdxl, sd15, sd15-v1, svd)")
+    p.add_argument("--variant", default=None,
+                   help="official ControlNeXt layout of a release file (sdxl, sd15, sd15-v1, svd, svd-training)")
+    p.add_argument("--unet-weights", action="append", default=None, metavar="auto|absolute|increments",
+                   help="how a control's trained UNet tensors are stored, per control or once for all (default auto: "
+                   "read from the tensors against the base)")
+    p.add_argument("--resize-mode", default="crop_and_resize",
+                   help="how condition images reach the image size: crop_and_resize (default; keeps the aspect "
+                   "ratio), just_resize (stretches, as the official pipelines do) or resize_and_fill (pads with black)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled .bin/.pth weights (trusted files only)")
     p.add_argument("--allow-download", action="store_true", help="allow downloading a base model id from the Hugging Face Hub")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder to look for model ids in")
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     annotators = args.annotator or []
     if annotators and len(annotators) not in (1, len(args.control)):
         raise ControlNextError("give one --annotator, or one per --control")
+    if args.unet_weights and len(args.unet_weights) not in (1, len(args.control)):
+        raise ControlNextError("give one --unet-weights, or one per --control")
 
     conditions = []
     for i, path in enumerate(args.image):
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         args.base, [resolve_control(c) for c in args.control], task=args.task, device=device, dtype=dtype,
         scheduler=args.scheduler, loras=[parse_lora(x) for x in args.lora], allow_pickle=args.allow_pickle,
         allow_download=args.allow_download, base_config=args.base_config, cache_dir=args.cache_dir,
-        variant=args.variant,
+        variant=args.variant, unet_weights=args.unet_weights or "auto",
     )
     pipe.pipe.set_progress_bar_config(disable=args.no_progress, desc="denoising")
     kwargs = dict(
@@ -128,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     result = pipe(
         args.prompt, control_images=conditions, control_scales=args.scale,
         control_starts=args.start if args.start is not None else 0.0,
-        control_ends=args.end if args.end is not None else 1.0, apply_to=args.apply_to, **kwargs,
+        control_ends=args.end if args.end is not None else 1.0, apply_to=args.apply_to, resize_mode=args.resize_mode,
+        **kwargs,
     )
     for k, image in enumerate(result.images):
         out = output_path(args.output, k, len(result.images))
@@ -155,12 +165,13 @@ def parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> d
         "strength": args.strength if args.task != "txt2img" else None,
         "controls": [
             {"control": c, "image": i, "annotator": (args.annotator or ["none"])[min(k, len(args.annotator or ["none"]) - 1)],
-             "scale": _nth(args.scale, k), "start": _nth(args.start, k, 0.0), "end": _nth(args.end, k, 1.0)}
+             "scale": _nth(args.scale, k), "start": _nth(args.start, k, 0.0), "end": _nth(args.end, k, 1.0),
+             "unet_weights": _nth(args.unet_weights, k, "auto")}
             for k, (c, i) in enumerate(zip(args.control, args.image))
         ],
-        "apply_to": args.apply_to, "loras": args.lora, "steps": args.steps, "guidance": args.guidance,
-        "scheduler": args.scheduler, "seed": args.seed + index, "width": size[0], "height": size[1],
-        "dtype": args.dtype,
+        "apply_to": args.apply_to, "resize_mode": args.resize_mode, "loras": args.lora, "steps": args.steps,
+        "guidance": args.guidance, "scheduler": args.scheduler, "seed": args.seed + index, "width": size[0],
+        "height": size[1], "dtype": args.dtype,
     }
 
 

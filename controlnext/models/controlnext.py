@@ -3,11 +3,12 @@
 The module turns a condition image into one feature map that is added to the denoising network at a
 single point, after Cross Normalization has aligned it to the network's own features. The official
 release layouts ("v1", "v2", "svd") are named configurations of this one class, so their weights load
-key for key; any other size is plain configuration.
+key for key and run as in the code they were released with; any other size is plain configuration.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Literal
 
@@ -37,8 +38,13 @@ VARIANTS: dict[str, dict] = {
     "sd15": dict(_V2_LAYOUT, injection="down_blocks.0", pool_before_norm=True),
     # SD1.5 v1 release: no stem, 1280 channels added after the mid block, a learnable scale.
     "sd15-v1": dict(_V1_LAYOUT, injection="mid_block", pool_before_norm=True),
-    # SVD-v2: v2 layout after down_blocks[0] at a fixed 0.2, eps 1e-5; normalise, then pool.
-    "svd": dict(_V2_LAYOUT, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2, cross_norm_eps=1e-5),
+    # SVD-v2 release (the inference code that runs the released weights): v2 layout whose 2nd and 3rd stem
+    # convolutions have no padding, after down_blocks[0] at a fixed 0.2, eps 1e-5; normalise, then pool.
+    "svd": dict(_V2_LAYOUT, padded_stem=False, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2,
+                cross_norm_eps=1e-5),
+    # SVD-v2 training code: the same with a padded stem (same keys and shapes, other feature maps).
+    "svd-training": dict(_V2_LAYOUT, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2,
+                         cross_norm_eps=1e-5),
 }
 
 
@@ -84,6 +90,7 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         conditioning_channels: int = 3,
         stem_channels: tuple[int, ...] = (64, 64, 128),
         stem_groups: int = 2,
+        padded_stem: bool = True,
         block_out_channels: tuple[int, ...] = (128, 256),
         block_groups: tuple[int, ...] = (4, 8),
         mid_residual: bool = True,
@@ -111,8 +118,9 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         if stem_channels:
             layers: list[nn.Module] = []
             for i, width in enumerate(stem_channels):
-                stride = 2 if i == 0 else 1
-                layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.GroupNorm(stem_groups, width), nn.ReLU()]
+                stride, padding = (2, 1) if i == 0 else (1, int(padded_stem))
+                layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=padding), nn.GroupNorm(stem_groups, width),
+                           nn.ReLU()]
                 channels = width
             self.embedding = nn.Sequential(*layers)
         else:
@@ -154,8 +162,20 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         return cls(**{**VARIANTS[name], **overrides})
 
     @property
+    def official_variant(self) -> str | None:
+        """The name of the VARIANTS entry this model's configuration is, or None."""
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}
+        for name, entry in VARIANTS.items():
+            full = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **entry}.items()}
+            if all(config.get(k) == v for k, v in full.items()):
+                return name
+        return None
+
+    @property
     def downscale_factor(self) -> int:
-        """How much smaller than the condition image the output is."""
+        """How much smaller than the condition image the output is (an unpadded stem takes a few pixels more)."""
         return 2 ** (len(self.config.block_out_channels) + (1 if self.config.stem_channels else 0))
 
     @property

@@ -45,17 +45,29 @@ class ControlledPipeline:
         allow_download: bool = False,
         base_config: str | None = None,
         cache_dir: str | None = None,
+        unet_weights: str | Sequence[str] = "auto",
         **control_options,
     ) -> "ControlledPipeline":
-        """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`."""
+        """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`.
+
+        `unet_weights` ("auto", "absolute" or "increments"; one, or one per control) says how each control's
+        trained UNet tensors are stored; "auto" reads it from the tensors against this base.
+        """
         pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download,
                          cache_dir=cache_dir)
         if scheduler:
             set_scheduler(pipe, scheduler)
         load_loras(pipe, list(loras))
+        modes = [unet_weights] * len(controls) if isinstance(unet_weights, str) else list(unet_weights)
+        if len(modes) == 1:
+            modes *= len(controls)
+        if len(modes) != len(controls):
+            raise ControlNextError(f"{len(modes)} unet_weights values for {len(controls)} controls; "
+                                   "give one, or one per control")
         loaded = [
-            c if isinstance(c, LoadedControl) else load_control(c, pipe.unet, allow_pickle=allow_pickle, **control_options)
-            for c in controls
+            c if isinstance(c, LoadedControl)
+            else load_control(c, pipe.unet, allow_pickle=allow_pickle, unet_weights=mode, **control_options)
+            for c, mode in zip(controls, modes)
         ]
         return cls(pipe, loaded)
 
@@ -75,8 +87,10 @@ class ControlledPipeline:
         control_starts: Sequence[float] | float = 0.0,
         control_ends: Sequence[float] | float = 1.0,
         apply_to: str = "both",
+        resize_mode: str = "crop_and_resize",
         **kwargs,
     ):
+        """Generate; condition images are brought to the image size with `resize_mode` (see prepare_condition)."""
         n = len(self.controls)
         images = list(control_images or [])
         if len(images) != n:
@@ -94,8 +108,8 @@ class ControlledPipeline:
             kwargs.setdefault("width", width)
             kwargs.setdefault("height", height)
         units = [
-            ControlUnit(control.model, self._condition_batch(image, width, height, control.model), scale, start, end,
-                        name=Path(control.source).name, unet_weights=control.unet_weights)
+            ControlUnit(control.model, self._condition_batch(image, width, height, control.model, resize_mode), scale,
+                        start, end, name=Path(control.source).name, unet_weights=control.unet_weights)
             for control, image, scale, start, end in zip(self.controls, images, scales, starts, ends)
         ]
         guidance = kwargs.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 7.5))
@@ -118,7 +132,7 @@ class ControlledPipeline:
             default_w, default_h = init.size
         return kwargs.get("width") or default_w, kwargs.get("height") or default_h
 
-    def _condition_batch(self, image, width: int, height: int, model) -> torch.Tensor:
+    def _condition_batch(self, image, width: int, height: int, model, resize_mode: str) -> torch.Tensor:
         """One condition image (or a list, one per prompt) -> (b, 3, height, width) in [0, 1]."""
         items = image if isinstance(image, (list, tuple)) else [image]
         tensors = []
@@ -128,7 +142,7 @@ class ControlledPipeline:
             if isinstance(item, torch.Tensor):
                 tensors.append(item if item.ndim == 4 else item[None])
             else:
-                tensors.append(prepare_condition(item, width, height)[None])
+                tensors.append(prepare_condition(item, width, height, resize_mode)[None])
         condition = torch.cat(tensors)  # (b, 3, H, W)
         return condition.to(device=model.device, dtype=model.dtype)
 

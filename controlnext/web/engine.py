@@ -71,9 +71,11 @@ class Engine:
     def loaded(self) -> int:
         return len(self._pipelines)
 
-    def pipeline(self, base: ModelEntry, controls: list[ModelEntry], task: str, loras: list[tuple[str, float]]):
+    def pipeline(self, base: ModelEntry, controls: list[ModelEntry], task: str, loras: list[tuple[str, float]],
+                 unet_weights: list[str] | None = None):
         """The pipeline for this combination, loaded once and kept in an LRU cache."""
-        key = (base.path, tuple(c.path for c in controls), task, tuple(loras))
+        unet_weights = unet_weights or ["auto"] * len(controls)
+        key = (base.path, tuple(c.path for c in controls), task, tuple(loras), tuple(unet_weights))
         if key in self._pipelines:
             self._pipelines.move_to_end(key)
             return self._pipelines[key], key
@@ -85,7 +87,7 @@ class Engine:
                 torch.cuda.empty_cache()
         pipe = ControlledPipeline.from_pretrained(
             None if base.source == "embedded" else base.path, [c.path for c in controls], task=task,
-            device=self.device, dtype=self.dtype, loras=loras,
+            device=self.device, dtype=self.dtype, loras=loras, unet_weights=unet_weights,
         )
         self._pipelines[key] = pipe
         self._schedulers[key] = pipe.pipe.scheduler  # each request's scheduler is built from this one's config
@@ -100,7 +102,7 @@ class Engine:
         controls = [self.catalog.find("control", c.control) for c in request.controls]
         loras = [(self.catalog.find("lora", x.lora).path, x.weight) for x in request.loras]
         conditions = [annotate_condition(c.annotator, c.image, c.annotator_options) for c in request.controls]
-        pipe, key = self.pipeline(base, controls, request.task, loras)
+        pipe, key = self.pipeline(base, controls, request.task, loras, [c.unet_weights for c in request.controls])
         pipe.pipe.scheduler = self._schedulers[key]
         set_scheduler(pipe.pipe, request.scheduler)
 
@@ -124,7 +126,7 @@ class Engine:
         result = pipe(
             request.prompt, control_images=conditions, control_scales=scales,
             control_starts=[c.start for c in request.controls], control_ends=[c.end for c in request.controls],
-            apply_to=request.apply_to, **kwargs,
+            apply_to=request.apply_to, resize_mode=request.resize_mode, **kwargs,
         )
         return [
             Generated(image, seed + k, self.parameters(request, base, controls, scales, seed + k, image.size))
@@ -141,10 +143,11 @@ class Engine:
             "strength": request.strength if request.task != "txt2img" else None,
             "controls": [
                 {"control": entry.path, "image": _fingerprint(c.image), "annotator": c.annotator,
-                 "annotator_options": c.annotator_options, "scale": scale, "start": c.start, "end": c.end}
+                 "annotator_options": c.annotator_options, "scale": scale, "start": c.start, "end": c.end,
+                 "unet_weights": c.unet_weights}
                 for c, entry, scale in zip(request.controls, controls, scales)
             ],
-            "apply_to": request.apply_to,
+            "apply_to": request.apply_to, "resize_mode": request.resize_mode,
             "loras": [f"{self.catalog.find('lora', x.lora).path}:{x.weight}" for x in request.loras],
             "steps": request.steps, "guidance": request.guidance, "scheduler": request.scheduler, "seed": seed,
             "width": size[0], "height": size[1], "dtype": DTYPE_NAMES.get(self.dtype),

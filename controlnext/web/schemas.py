@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
+from ..control.loading import UNET_WEIGHTS
+from ..images import RESIZE_MODES
 from ..pipelines.base import SCHEDULERS, TASKS
 
 MAX_CONTROLS = 4
@@ -25,6 +27,8 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image, checked before its pixel
 
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+UnetWeights = Literal[UNET_WEIGHTS]  # type: ignore[valid-type]
+ResizeMode = Literal[RESIZE_MODES]  # type: ignore[valid-type]
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -79,6 +83,8 @@ class ControlRequest(StrictModel):
     scale: float | None = Field(None, ge=0, le=2, description="control strength (default: the control's recommended scale)")
     start: float = Field(0.0, ge=0, le=1, description="fraction of the schedule where control starts")
     end: float = Field(1.0, ge=0, le=1, description="fraction of the schedule where control ends")
+    unet_weights: UnetWeights = Field("auto", description="how the control's trained UNet tensors are stored "
+                                      "(auto: read from the tensors against the base)")
 
     @model_validator(mode="after")
     def _window(self) -> "ControlRequest":
@@ -104,6 +110,8 @@ class GenerateRequest(StrictModel):
     strength: float = Field(0.75, gt=0, le=1, description="how much img2img/inpaint changes init_image")
     controls: list[ControlRequest] = Field(default_factory=list, max_length=MAX_CONTROLS)
     apply_to: Literal["both", "cond"] = Field("both", description="control both guidance halves or the conditional one")
+    resize_mode: ResizeMode = Field("crop_and_resize", description="how condition images reach the image size "
+                                    "(just_resize: stretched, as the official pipelines do)")
     loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS)
     steps: int = Field(20, ge=1, le=MAX_STEPS, description="denoising steps")
     guidance: float = Field(7.5, ge=0, le=30, description="classifier-free guidance scale (<= 1 disables it)")

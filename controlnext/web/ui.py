@@ -12,7 +12,9 @@ import gradio as gr
 from PIL import Image
 from pydantic import ValidationError
 
+from ..control.loading import UNET_WEIGHTS
 from ..errors import ControlNextError
+from ..images import RESIZE_MODES
 from ..metadata import save_with_parameters
 from ..pipelines.base import SCHEDULERS
 from .catalog import ModelCatalog
@@ -37,6 +39,7 @@ class UnitInputs:
     scale: gr.Slider
     start: gr.Slider
     end: gr.Slider
+    unet_weights: gr.Dropdown
 
 
 class StepProgress:
@@ -97,7 +100,9 @@ def control_unit(index: int, catalog: ModelCatalog, annotators: list[str]) -> Un
         scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Scale", elem_id=f"scale-{index}")
         start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start", elem_id=f"start-{index}")
         end = gr.Slider(0, 1, value=1.0, step=0.05, label="End", elem_id=f"end-{index}")
-    return UnitInputs(control, image, annotator, preview, scale, start, end)
+        unet_weights = gr.Dropdown(list(UNET_WEIGHTS), value="auto", label="UNet weights (auto: read from the file)",
+                                   elem_id=f"unet-weights-{index}")
+    return UnitInputs(control, image, annotator, preview, scale, start, end, unet_weights)
 
 
 def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_dir: Path, units: int = 2) -> gr.Blocks:
@@ -129,6 +134,8 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                         width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Width (0: the model's)", elem_id="width")
                         height = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Height (0: the model's)", elem_id="height")
                         count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
+                    resize_mode = gr.Dropdown(list(RESIZE_MODES), value="crop_and_resize", elem_id="resize-mode",
+                                              label="Condition resize (just_resize: as the official pipelines)")
                 with gr.Accordion("LoRAs", open=False):
                     loras = []
                     for i in range(LORA_SLOTS):
@@ -153,6 +160,7 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                 controls.append(dict(
                     control=values[unit.control], image=image, annotator=values[unit.annotator] or NONE,
                     scale=values[unit.scale], start=values[unit.start], end=values[unit.end],
+                    unet_weights=values[unit.unet_weights] or "auto",
                 ))
             seed_value = values[seed]
             try:
@@ -161,6 +169,7 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                     controls=controls, steps=int(values[steps]), guidance=values[guidance],
                     scheduler=values[scheduler], seed=None if seed_value is None or seed_value < 0 else int(seed_value),
                     width=int(values[width]) or None, height=int(values[height]) or None, num_images=int(values[count]),
+                    resize_mode=values[resize_mode] or "crop_and_resize",
                     loras=[dict(lora=values[name], weight=values[weight]) for name, weight in loras
                            if values[name] not in (None, NONE)],
                 )
@@ -180,9 +189,9 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
             items = (new + values[history])[:HISTORY]
             return items, [(x["path"], x["caption"]) for x in items], new[0]["parameters"]
 
-        inputs = {prompt, negative, base, scheduler, steps, guidance, seed, width, height, count, history}
+        inputs = {prompt, negative, base, scheduler, steps, guidance, seed, width, height, count, resize_mode, history}
         for unit in unit_inputs:
-            inputs |= {unit.control, unit.image, unit.annotator, unit.scale, unit.start, unit.end}
+            inputs |= {unit.control, unit.image, unit.annotator, unit.scale, unit.start, unit.end, unit.unet_weights}
         inputs |= {c for pair in loras for c in pair}
         run.click(on_generate, inputs=inputs, outputs=[history, gallery, details])
         prompt.submit(on_generate, inputs=inputs, outputs=[history, gallery, details])
