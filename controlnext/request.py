@@ -33,6 +33,8 @@ SCHEDULERS = {
     "dpm++2m": "DPMSolverMultistepScheduler",
 }
 TASKS = ("txt2img", "img2img", "inpaint")
+RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")  # how a condition reaches the image size
+UNET_WEIGHTS = ("auto", "absolute", "increments")  # how a control's UNet tensors are stored; auto: read from them
 DTYPES = ("fp32", "fp16", "bf16")
 APPLY_TO = ("both", "cond")
 SIZE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse other sizes, whatever the VAE's factor
@@ -42,16 +44,17 @@ Label = Callable[[str], str]  # a field's name as an interface shows it: "init_i
 
 
 def setting(help: str, default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
-            short: str | None = None, metavar: str | None = None, choices: tuple | None = None, cli: bool = True,
-            record: bool = True, replay: bool = True, web: dict | None = None, **limits):
+            short: str | None = None, metavar: str | None = None, choices: tuple | None = None, noun: str | None = None,
+            cli: bool = True, record: bool = True, replay: bool = True, web: dict | None = None, **limits):
     """A request field with its help text and limits (ge, gt, le, lt, multiple_of).
 
+    `noun` names a value of the field in errors ("unknown resize mode ..."; "": the field's label itself).
     `web`: the web server's tighter limits (its resource caps). `record=False` keeps a field out of the
     stored parameters (permissions and locations, not what was made); `replay=False` stores it without
     taking it back in `--from` (the device: where to run, not what to make); `cli=False`: no flag.
     """
-    metadata = dict(help=help, short=short, metavar=metavar, choices=choices, cli=cli, record=record, replay=replay,
-                    limits=limits, web=web or {})
+    metadata = dict(help=help, short=short, metavar=metavar, choices=choices, noun=noun, cli=cli, record=record,
+                    replay=replay, limits=limits, web=web or {})
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -72,6 +75,8 @@ class ControlSettings:
                                   ge=0, web=dict(le=2))
     start: float = setting("fraction of the schedule where control starts", default=0.0, ge=0, le=1)
     end: float = setting("fraction of the schedule where control ends", default=1.0, ge=0, le=1)
+    unet_weights: str = setting("how the control's trained UNet tensors are stored (auto: read from the tensors "
+                                "against the base)", default="auto", choices=UNET_WEIGHTS, noun="")
 
 
 @dataclass
@@ -113,6 +118,9 @@ class GenerationRequest:
                                   "default: detected)", default=None, metavar="NAME")
     apply_to: str = setting("apply control to both classifier-free guidance halves (official) or the conditional "
                             "one", default="both", choices=APPLY_TO)
+    resize_mode: str = setting("how condition images reach the image size: crop_and_resize keeps the aspect ratio, "
+                               "just_resize stretches (as the official pipelines do), resize_and_fill pads with black",
+                               default="crop_and_resize", choices=RESIZE_MODES)
     loras: list[LoraSettings] = setting("style LoRAs with their weights", factory=list, web=dict(max_length=4))
     task: str = setting("what the base pipeline does", default="txt2img", choices=TASKS)
     init_image: Any = setting("starting image for img2img and inpaint", default=None, metavar="IMAGE")
@@ -206,6 +214,7 @@ class Setting:
     limits: dict
     web: dict
     choices: tuple | None
+    noun: str | None
     short: str | None
     metavar: str | None
     cli: bool
@@ -234,9 +243,8 @@ def settings(cls: type) -> dict[str, Setting]:
         factory = None if f.default_factory is dataclasses.MISSING else f.default_factory
         out[f.name] = Setting(
             f.name, kind, (union and len(kinds) < len(typing.get_args(hint))) or f.default is None, f.default, factory,
-            meta["help"], meta["limits"], meta["web"], meta["choices"], meta["short"], meta["metavar"], meta["cli"],
-            meta["record"],
-            meta["replay"],
+            meta["help"], meta["limits"], meta["web"], meta["choices"], meta["noun"], meta["short"], meta["metavar"],
+            meta["cli"], meta["record"], meta["replay"],
         )
     return out
 
@@ -263,8 +271,9 @@ def check_value(spec: Setting, value: Any, where: str) -> None:
     elif spec.kind in (str, bool, list, dict) and not isinstance(value, spec.kind):
         raise ControlNextError(f"{where} {value!r}: must be {spec.kind.__name__}")
     if spec.choices and value not in spec.choices:
-        raise ControlNextError(f"{where}: unknown {spec.name.replace('_', ' ')} {value!r}; choose one of "
-                               f"{', '.join(spec.choices)}")
+        noun = spec.name.replace("_", " ") if spec.noun is None else spec.noun
+        unknown = f"{where}: unknown {noun} {value!r}" if noun else f"unknown {where} {value!r}"
+        raise ControlNextError(f"{unknown}; choose one of {', '.join(spec.choices)}")
     limits = spec.limits
     for key, holds, words in (("ge", operator.ge, "at least"), ("gt", operator.gt, "more than"),
                               ("le", operator.le, "at most"), ("lt", operator.lt, "less than")):
