@@ -208,3 +208,46 @@ def test_a_refused_value_costs_no_heavy_import(tiny_control, condition):
             "print(rc, [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.split("\n")[0] == "2 []", done.stderr
+
+
+@pytest.fixture
+def only_mps(monkeypatch):
+    """A machine without CUDA whose torch reports Apple's MPS."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+
+def cli_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
+    from controlnext.errors import ControlNextError
+    from controlnext.pipelines import ControlledPipeline
+
+    seen = {}
+
+    def load(*args, device, **kwargs):
+        seen["device"] = device
+        raise ControlNextError("stop before loading")
+
+    monkeypatch.setattr(ControlledPipeline, "from_pretrained", load)
+    main(["generate", "-p", "x", "--base", str(tiny_base), "-c", str(tiny_control), "-i", str(condition)])
+    return seen["device"]
+
+
+def web_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
+    web = pytest.importorskip("controlnext.web.app")
+    pytest.importorskip("gradio")
+    config = web.WebConfig(base=[str(tiny_base)], hide_embedded=True, api_only=True)
+    return web.create_app(config).state.engine.device
+
+
+def annotator_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
+    from controlnext.annotators.local_models import resolve_device
+
+    return str(resolve_device("auto"))
+
+
+@pytest.mark.parametrize("device_of", [cli_device, web_device, annotator_device], ids=["cli", "web", "annotators"])
+def test_auto_device_is_one_rule_cuda_then_mps_then_cpu(only_mps, tiny_base, tiny_control, condition, monkeypatch,
+                                                        device_of):
+    assert device_of(tiny_base, tiny_control, condition, monkeypatch) == "mps"
