@@ -6,18 +6,22 @@ from .errors import ControlNextError
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto': CUDA when present, then Apple's MPS, then the CPU; any other name must be one torch knows."""
+    """'auto': CUDA when present, then Apple's MPS, then the CPU; a named device must exist on this machine."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     try:
-        torch.device(device)
-    except RuntimeError:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
         raise ControlNextError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ControlNextError(f"device {device!r} is not available: this machine has {found}; use cpu or auto")
+    if chosen.type == "mps" and not has_mps:
+        raise ControlNextError(f"device {device!r} is not available on this machine; use cpu or auto")
     return device
 
 

@@ -251,3 +251,13 @@ def annotator_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
 def test_auto_device_is_one_rule_cuda_then_mps_then_cpu(only_mps, tiny_base, tiny_control, condition, monkeypatch,
                                                         device_of):
     assert device_of(tiny_base, tiny_control, condition, monkeypatch) == "mps"
+
+
+def test_a_device_the_machine_lacks_is_one_line(tiny_base, tiny_control, condition, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["generate", "-p", "x", "--base", str(tiny_base), "-c", str(tiny_control), "-i", str(condition),
+            "--device", "cuda"]
+    assert main(argv) == 2
+    assert "device 'cuda' is not available: this machine has no CUDA device" in capsys.readouterr().err
