@@ -9,6 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ControlNextError
+from .request import RESIZE_MODES
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -83,9 +84,6 @@ def cover_and_crop_box(image_width: int, image_height: int, width: int, height: 
     scale = max(width / image_width, height / image_height)
     new_size = (max(width, round(image_width * scale)), max(height, round(image_height * scale)))
     return new_size, ((new_size[1] - height) // 2, (new_size[0] - width) // 2)
-
-
-RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 
 
 def resize_and_fill(

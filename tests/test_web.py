@@ -230,6 +230,36 @@ def test_openapi_schema_lists_the_routes_and_their_limits(server):
     assert "503" in schema["paths"]["/api/generate"]["post"]["responses"]
 
 
+def test_the_api_takes_defaults_limits_and_help_from_the_generation_request(server):
+    from controlnext.request import GenerationRequest, settings
+
+    fields = server.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    specs = settings(GenerationRequest)
+    shared = {name for name in fields if name not in ("base", "seed", "controls", "loras")}
+    assert shared >= {"prompt", "steps", "guidance", "scheduler", "width", "strength", "num_images"}
+    for name in shared:
+        assert fields[name]["description"] == specs[name].help, name
+        if not specs[name].required:
+            assert fields[name].get("default") == specs[name].default, name
+    assert fields["guidance"]["minimum"] == specs["guidance"].limits["ge"] == 0
+
+
+def test_the_web_and_the_cli_store_the_same_parameters(server, names, tiny_base, tiny_control, tmp_path):
+    from controlnext.cli import main
+
+    answer = server.post("/api/generate", json=request_body(names)).json()["images"][0]
+    condition, out = tmp_path / "condition.png", tmp_path / "cli.png"
+    square_condition().save(condition)
+    assert main(["generate", "-p", "a red circle", "-n", "blurry", "--base", str(tiny_base), "-c", str(tiny_control),
+                 "-i", str(condition), "--scale", "0.5", "--end", "0.8", "--steps", "2", "--seed", "3", "--height", "80",
+                 "--scheduler", "ddim", "--no-progress", "-o", str(out)]) == 0
+    web, cli = answer["parameters"], read_parameters(out)
+    assert [key for key in web if web[key] != cli[key]] == ["controls"]
+    assert [key for key in web["controls"][0] if web["controls"][0][key] != cli["controls"][0][key]] == ["image"]
+    assert web["controls"][0]["image"].startswith("sha256:") and cli["controls"][0]["image"] == str(condition)
+    np.testing.assert_array_equal(np.asarray(decode(answer).convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
+
+
 def test_concurrent_requests_all_complete(server, names):
     seeds = list(range(20, 26))
     with ThreadPoolExecutor(len(seeds)) as pool:

@@ -9,19 +9,15 @@ from typing import Any
 
 import torch
 
+from .. import devices
 from ..errors import ControlNextError
 
 _FOLDER_LAYOUT = "a folder saved with save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available, else the CPU; any other string is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ControlNextError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    """The torch device for a name; 'auto' follows the rule generation uses (controlnext.devices)."""
+    return torch.device(devices.resolve_device(device))
 
 
 def load_local_model(model_path: str | Path | None, auto_class: str, task: str, examples: str) -> tuple[Any, Any]:

@@ -1,7 +1,9 @@
 """The `controlnext` command line: a thin layer over the library, one module per subcommand.
 
 Each subcommand module defines `add_parser(subparsers, parent)`, which registers its parser and sets
-`run=callable(args) -> int | None`. Heavy imports happen inside `run`, so `controlnext --help` is fast.
+`run=callable(args) -> int | None`, and may set `check=callable(args)`, which refuses bad flags without
+heavy imports and runs first. Heavy imports happen inside `run`, so `controlnext --help` and errors in the
+flags are fast.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:
-        quiet_libraries()
     try:
+        if hasattr(args, "check"):
+            args.check(args)
+        if not args.debug:
+            quiet_libraries()  # imports diffusers: seconds
         return args.run(args) or 0
     except ControlNextError as error:
         if args.debug:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNet, ControlNeXtModel
+from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 MODULE_FILES = ("controlnet.safetensors", "controlnext.safetensors", "controlnet.bin", "controlnext.bin")
@@ -32,7 +33,6 @@ UNET_FILES = (
     "unet.safetensors", "unet_weight_increasements.safetensors", "unet_weight_increments.safetensors",
     "unet.bin", "unet_weight_increasements.bin", "unet_weight_increments.bin",
 )
-UNET_WEIGHTS = ("auto", "absolute", "increments")  # how a UNet file's tensors are read; auto: from the tensors
 
 # Recommended scale of the official releases, by layout and the condition their name gives (None: any).
 RELEASE_SCALES: dict[tuple[str, str | None], float] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ from ..control import ControlUnit, attach_control
 from ..control.loading import LoadedControl, load_control
 from ..errors import ControlNextError
 from ..images import check_size, load_image, prepare_condition
+from ..request import SIZE_MULTIPLE
 from .base import load_base, load_loras, set_scheduler
 
 
@@ -25,6 +27,7 @@ class ControlledPipeline:
     def __init__(self, pipe, controls: Sequence[LoadedControl] = ()):
         self.pipe = pipe
         self.controls = list(controls)
+        self.loaded_scheduler = pipe.scheduler  # every `use_scheduler` starts from its config
         for control in self.controls:
             if control.model.dtype != pipe.unet.dtype:
                 control.model.to(pipe.unet.dtype)
@@ -55,8 +58,6 @@ class ControlledPipeline:
         """
         pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download,
                          cache_dir=cache_dir)
-        if scheduler:
-            set_scheduler(pipe, scheduler)
         load_loras(pipe, list(loras))
         modes = [unet_weights] * len(controls) if isinstance(unet_weights, str) else list(unet_weights)
         if len(modes) == 1:
@@ -69,10 +70,18 @@ class ControlledPipeline:
             else load_control(c, pipe.unet, allow_pickle=allow_pickle, unet_weights=mode, **control_options)
             for c, mode in zip(controls, modes)
         ]
-        return cls(pipe, loaded)
+        controlled = cls(pipe, loaded)
+        if scheduler:
+            controlled.use_scheduler(scheduler)
+        return controlled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["pipe"], name)
+
+    def use_scheduler(self, name: str) -> None:
+        """Sample with scheduler `name`, built from the config of the one the pipeline was loaded with."""
+        self.pipe.scheduler = self.loaded_scheduler
+        set_scheduler(self.pipe, name)
 
     def default_size(self) -> tuple[int, int]:
         side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -103,7 +112,7 @@ class ControlledPipeline:
                 raise ControlNextError(f"control window start={start}, end={end}: need 0 <= start <= end <= 1")
 
         width, height = self._size(kwargs)
-        check_size(width, height, self.pipe.vae_scale_factor, "generation")
+        check_size(width, height, math.lcm(SIZE_MULTIPLE, self.pipe.vae_scale_factor), "generation")
         if "image" not in kwargs or "mask_image" in kwargs:  # txt2img and inpaint take the size
             kwargs.setdefault("width", width)
             kwargs.setdefault("height", height)
