@@ -23,9 +23,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..denoisers import family
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNet, ControlNeXtModel
 from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
+from .attach import check_fits
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 MODULE_FILES = ("controlnet.safetensors", "controlnext.safetensors", "controlnet.bin", "controlnext.bin")
@@ -122,11 +124,10 @@ def detect_variant(module_tensors: dict[str, torch.Tensor], unet, unet_keys=()) 
     """
     if "embedding.0.weight" not in module_tensors:
         return "sd15-v1"
-    is_svd = type(unet).__name__ == "UNetSpatioTemporalConditionModel" or any("temporal" in k for k in unet_keys)
-    if is_svd:
+    kind = family(unet) if unet is not None else None
+    if kind == "svd" or any("temporal" in k for k in unet_keys):
         return "svd"
-    is_sdxl = unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
-    return "sdxl" if is_sdxl else "sd15"
+    return "sdxl" if kind == "sdxl" else "sd15"
 
 
 def release_scale(variant: str, *names: str) -> tuple[float, str | None]:
@@ -134,30 +135,6 @@ def release_scale(variant: str, *names: str) -> tuple[float, str | None]:
     condition = next((c for name in names for c in ("canny", "depth") if c in name.lower()), None)
     scale = RELEASE_SCALES.get((variant, condition), RELEASE_SCALES.get((variant, None), 1.0))
     return scale, condition
-
-
-def injection_width(unet, injection: str) -> int:
-    """Channels of the UNet's features at an injection point."""
-    channels = unet.config.block_out_channels
-    return channels[-1] if injection == "mid_block" else channels[0]
-
-
-def check_fits(model: nn.Module, unet, source: str) -> None:
-    """Raise a one-line error when a control was made for a base of another shape."""
-    if unet is None:
-        return
-    if isinstance(model, ControlNet):
-        mismatch = model.base_mismatch(unet)
-        if mismatch:
-            raise ControlNextError(f"{source} is a ControlNet made for another base model ({mismatch}); "
-                                   "use the base model it was trained for")
-    elif isinstance(model, ControlNeXtModel):
-        want, have = model.config.out_channels, injection_width(unet, model.injection)
-        if want != have:
-            raise ControlNextError(
-                f"{source} was made for a base model with {want} channels at {model.injection}, but this base "
-                f"has {have}; use the base model the control was trained for"
-            )
 
 
 def check_unet_weights(unet, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..control.loading import check_fits, injection_width, save_controlnet, save_controlnext
+from ..control.attach import check_fits
+from ..control.loading import save_controlnet, save_controlnext
+from ..denoisers import site_width
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNeXtModel
 from .config import TrainConfig
@@ -60,7 +62,7 @@ def build_controlnext(unet: nn.Module, config: TrainConfig, vae_scale_factor: in
     else:
         sizes = parse_module_config(config.module_config)
         sizes.setdefault("injection", "conv_in" if is_sdxl_unet(unet) else "down_blocks.0")
-        sizes.setdefault("out_channels", injection_width(unet, sizes["injection"]))
+        sizes.setdefault("out_channels", site_width(unet, sizes["injection"]))
         sizes.setdefault("pool_before_norm", sizes["injection"] != "conv_in")  # as the official code at each point
         try:
             model = ControlNeXtModel(**sizes)
