@@ -70,7 +70,7 @@ class ControlledPipeline:
         denoiser = pipeline_denoiser(pipe)
         loaded = [
             c if isinstance(c, LoadedControl)
-            else load_control(c, denoiser, allow_pickle=allow_pickle, unet_weights=mode, **control_options)
+            else load_control(c, denoiser, allow_pickle=allow_pickle, **_unless_auto(unet_weights=mode), **control_options)
             for c, mode in zip(controls, modes)
         ]
         controlled = cls(pipe, loaded)
@@ -157,6 +157,11 @@ class ControlledPipeline:
                 tensors.append(prepare_condition(item, width, height, resize_mode)[None])
         condition = torch.cat(tensors)  # (b, 3, H, W)
         return condition.to(device=model.device, dtype=model.dtype)
+
+
+def _unless_auto(**options) -> dict:
+    """Options given a value other than "auto" (left at "auto", a method's loader keeps its own default)."""
+    return {name: value for name, value in options.items() if value != "auto"}
 
 
 def _per_control(value, defaults, n: int, what: str) -> list[float]:

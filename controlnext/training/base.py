@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import denoisers
+
 
 @dataclass
 class BaseModel:
@@ -23,8 +25,8 @@ class BaseModel:
     noise_scheduler: object
 
     @property
-    def is_sdxl(self) -> bool:
-        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+    def family(self) -> str:
+        return denoisers.family(self.unet)
 
     @property
     def prediction_type(self) -> str:
@@ -33,7 +35,7 @@ class BaseModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> (hidden states (b, tokens, d), pooled SDXL embedding (b, p) or None), as the pipelines do."""
-        if not self.is_sdxl:
+        if self.family != "sdxl":
             ids = self._token_ids(self.tokenizers[0], prompts, device)
             return self.text_encoders[0](ids)[0], None  # (b, 77, d)
         hidden, pooled = [], None
@@ -68,7 +70,7 @@ class BaseModel:
     def added_conditions(self, pooled: torch.Tensor | None, original_sizes: torch.Tensor,
                          crops_top_left: torch.Tensor, resolution: int) -> dict | None:
         """SDXL's extra conditioning: pooled text embeds and time ids (original size, crop corner, target size)."""
-        if not self.is_sdxl:
+        if self.family != "sdxl":
             return None
         target = torch.tensor([resolution, resolution]).expand(original_sizes.shape[0], 2)
         time_ids = torch.cat([original_sizes, crops_top_left, target], dim=1)  # (b, 6)

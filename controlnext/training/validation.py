@@ -71,7 +71,7 @@ def sample(model, base, conditions: torch.Tensor, prompts: list[str], *, steps: 
     latents = latents * scheduler.init_noise_sigma
     hidden, pooled = base.encode_prompts([""] * n + list(prompts), device)  # (2n, tokens, d): unconditional first
     sizes = torch.tensor([[height, width]] * 2 * n)
-    added = base.added_conditions(pooled, sizes, torch.zeros_like(sizes), height) if base.is_sdxl else None
+    added = base.added_conditions(pooled, sizes, torch.zeros_like(sizes), height) if base.family == "sdxl" else None
     condition = torch.cat([conditions, conditions]).to(device)  # (2n, 3, H, W): both halves see the condition
     for t in scheduler.timesteps:
         latent_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # (2n, 4, h, w)
