@@ -28,13 +28,13 @@ from .config import TrainConfig
 from .data import ControlDataset, derive_seed, make_loader, open_source
 from .monitor import TrainingLog, progress_bar
 from .selection import describe_counts, resolve_patterns, select_parameters
-from .validation import fidelity, image_grid, resolve_metric, sample, validation_set
+from .validation import fidelity, generate, image_grid, resolve_metric, validation_set
 
 LOW_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ControlledUNet(nn.Module):
-    """The base UNet with one control attached (cfg=False): the module that trains and that validation samples."""
+    """The base UNet with one control attached (cfg=False): the module that trains."""
 
     def __init__(self, unet: nn.Module, control: nn.Module, scale: float = 1.0):
         super().__init__()
@@ -301,9 +301,10 @@ class Trainer:
             return None
         model = acc.unwrap_model(self.prepared)
         model.eval()
-        images = sample(model, self.base, validation.conditions, validation.prompts,
-                        steps=self.config.validation_sampling_steps, guidance_scale=self.config.guidance_scale,
-                        seed=self.config.seed, device=acc.device)
+        with acc.autocast():
+            images = generate(self.base, model.control, validation.conditions, validation.prompts,
+                              steps=self.config.validation_sampling_steps, guidance_scale=self.config.guidance_scale,
+                              seed=self.config.seed, scale=model.scale)
         model.train()
         if not acc.is_main_process:
             return None
