@@ -75,7 +75,8 @@ def load_training_base(source: str | Path | None) -> BaseModel:
 
     pipe = load_base(source or None, device="cpu", dtype=torch.float32)
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    for module in (pipe.unet, pipe.vae, *encoders):
+    denoiser = denoisers.pipeline_denoiser(pipe)
+    for module in (denoiser, pipe.vae, *encoders):
         module.requires_grad_(False).eval()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule (same betas)
-    return BaseModel(Path(str(source or "")), pipe, pipe.unet, pipe.vae, encoders, noise_scheduler)
+    return BaseModel(Path(str(source or "")), pipe, denoiser, pipe.vae, encoders, noise_scheduler)
