@@ -408,6 +408,24 @@ def test_catalog_finds_models_and_names_them_uniquely(tmp_path, tiny_base, tiny_
         ModelCatalog().find("lora", "x")
 
 
+def test_catalog_lists_diffusers_controlnet_folders_and_files_that_load_control_loads(tmp_path):
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from controlnext.control.loading import load_control
+    from controlnext.testing import tiny_controlnet, tiny_unet
+
+    unet = tiny_unet()
+    controlnet = tiny_controlnet(unet)
+    plain = ControlNetModel.from_config(controlnet.config)
+    plain.load_state_dict(controlnet.state_dict())
+    plain.save_pretrained(tmp_path / "models" / "controlnet-canny")  # diffusers' own folder: no control.json
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "models" / "single.safetensors"))
+    catalog = ModelCatalog.discover([tmp_path / "models"], include_embedded=False)
+    assert [(e.name, e.kind) for e in catalog.controls] == [("controlnet-canny", "control"), ("single", "control")]
+    assert load_control(catalog.find("control", "controlnet-canny").path, unet).method == "controlnet"
+
+
 def test_tiny_demo_offers_a_working_model_without_any_set_up(tmp_path, monkeypatch):
     import tempfile
 

@@ -43,7 +43,8 @@ def measure_method(method: str, architecture: str | dict = "sd15", resolution: i
     from diffusers import UNet2DConditionModel
 
     from ..training.config import TrainConfig
-    from ..training.methods import get_method, is_sdxl_unet
+    from ..denoisers import family
+    from ..methods import get_method
     from ..training.selection import resolve_patterns, select_parameters
     from ..training.trainer import ControlledUNet, make_optimizer
     from .architectures import ARCHITECTURES
@@ -53,13 +54,14 @@ def measure_method(method: str, architecture: str | dict = "sd15", resolution: i
     torch.manual_seed(0)
     spec = ARCHITECTURES[architecture] if isinstance(architecture, str) else architecture
     unet = UNet2DConditionModel(**spec["unet"]).to(device)
-    sdxl = is_sdxl_unet(unet)
+    kind = family(unet)
+    sdxl = kind == "sdxl"
     training = get_method(method)
     variant = spec.get("controlnext_variant") if method == "controlnext" else None
     config = TrainConfig(method=method, data="-", output_dir="-", module_variant=variant,
                          module_config=None if variant else spec.get("module_config"))
     control = training.build(unet, config).to(device)
-    patterns = resolve_patterns(unet, ["auto"], is_sdxl=sdxl, auto=training.auto_trainable(sdxl))
+    patterns = resolve_patterns(unet, ["auto"], is_sdxl=sdxl, auto=training.trainable(kind))
     selected = set(select_parameters(unet, patterns))
     unet.requires_grad_(False)
     for name, parameter in unet.named_parameters():

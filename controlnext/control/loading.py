@@ -11,21 +11,23 @@ against the base they attach to. A ControlNet is a diffusers ControlNet folder (
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..denoisers import family
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNet, ControlNeXtModel
 from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
+from .attach import check_fits
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 MODULE_FILES = ("controlnet.safetensors", "controlnext.safetensors", "controlnet.bin", "controlnext.bin")
@@ -81,6 +83,17 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
         raise ControlNextError(f"cannot read {path} as safetensors ({error}); is it corrupt or truncated?") from None
 
 
+def tensor_names(path: Path) -> list[str] | None:
+    """The tensor names of a .safetensors file, read from its header; None for other files."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return list(weights.keys())
+    except (SafetensorError, OSError) as error:
+        raise ControlNextError(f"cannot read {path} as safetensors ({error}); is it corrupt or truncated?") from None
+
+
 # -- LDM (original Stable Diffusion) key names -------------------------------------------------------
 
 def ldm_to_diffusers_unet_keys(tensors: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
@@ -122,11 +135,10 @@ def detect_variant(module_tensors: dict[str, torch.Tensor], unet, unet_keys=()) 
     """
     if "embedding.0.weight" not in module_tensors:
         return "sd15-v1"
-    is_svd = type(unet).__name__ == "UNetSpatioTemporalConditionModel" or any("temporal" in k for k in unet_keys)
-    if is_svd:
+    kind = family(unet) if unet is not None else None
+    if kind == "svd" or any("temporal" in k for k in unet_keys):
         return "svd"
-    is_sdxl = unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
-    return "sdxl" if is_sdxl else "sd15"
+    return "sdxl" if kind == "sdxl" else "sd15"
 
 
 def release_scale(variant: str, *names: str) -> tuple[float, str | None]:
@@ -134,30 +146,6 @@ def release_scale(variant: str, *names: str) -> tuple[float, str | None]:
     condition = next((c for name in names for c in ("canny", "depth") if c in name.lower()), None)
     scale = RELEASE_SCALES.get((variant, condition), RELEASE_SCALES.get((variant, None), 1.0))
     return scale, condition
-
-
-def injection_width(unet, injection: str) -> int:
-    """Channels of the UNet's features at an injection point."""
-    channels = unet.config.block_out_channels
-    return channels[-1] if injection == "mid_block" else channels[0]
-
-
-def check_fits(model: nn.Module, unet, source: str) -> None:
-    """Raise a one-line error when a control was made for a base of another shape."""
-    if unet is None:
-        return
-    if isinstance(model, ControlNet):
-        mismatch = model.base_mismatch(unet)
-        if mismatch:
-            raise ControlNextError(f"{source} is a ControlNet made for another base model ({mismatch}); "
-                                   "use the base model it was trained for")
-    elif isinstance(model, ControlNeXtModel):
-        want, have = model.config.out_channels, injection_width(unet, model.injection)
-        if want != have:
-            raise ControlNextError(
-                f"{source} was made for a base model with {want} channels at {model.injection}, but this base "
-                f"has {have}; use the base model the control was trained for"
-            )
 
 
 def check_unet_weights(unet, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -420,33 +408,26 @@ def save_controlnet(path: str | Path, model: ControlNet, *, metadata: dict | Non
     return path
 
 
-def guess_method(path: Path) -> str:
-    """The method of a control without control.json: a diffusers ControlNet folder or file, else ControlNeXt."""
-    if path.is_dir():
-        return "controlnet" if is_diffusers_controlnet(path) else "controlnext"
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as weights:
-                keys = list(weights.keys())
-        except (SafetensorError, OSError):
-            return "controlnext"  # let the loader report the bad file
-        if any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in keys):
-            return "controlnet"
-    return "controlnext"
-
-
-# -- methods registry ----------------------------------------------------------------------------------
-
-# A control method is one loader here; `load_control` reads `control.json` to pick it.
-LOADERS: dict[str, Callable[..., LoadedControl]] = {"controlnext": load_controlnext, "controlnet": load_controlnet}
-
-
 def load_control(path: str | Path, unet=None, *, method: str | None = None, **options) -> LoadedControl:
-    """Load a control of any method: the argument, else `control.json`, else guessed from the files."""
+    """Load a control of any registered method: the argument, else `control.json`, else recognised from the files.
+
+    Options the method's loader does not take are dropped when left at None or False, else an error.
+    """
+    from ..methods import METHODS, control_method, get_method
+
     path = Path(path)
-    if method is None and path.is_dir() and (path / "control.json").is_file():
-        method = json.loads((path / "control.json").read_text()).get("method")
-    method = method or guess_method(path)
-    if method not in LOADERS:
-        raise ControlNextError(f"unknown control method {method!r}; known: {', '.join(LOADERS)}")
-    return LOADERS[method](path, unet, **options)
+    if not path.exists():
+        raise ControlNextError(f"control weights not found: {path}")
+    method = method or control_method(path)
+    if method is None:
+        raise ControlNextError(f"no control in {path}: none of the methods ({', '.join(METHODS)}) recognises its "
+                               "files; expected our folder (control.json), an official ControlNeXt release or a "
+                               "diffusers ControlNet")
+    loader = get_method(method).load
+    parameters = inspect.signature(loader).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    given = {name: value for name, value in options.items() if takes_any or name in parameters}
+    unused = [name for name, value in options.items() if name not in given and value not in (None, False)]
+    if unused:
+        raise ControlNextError(f"{', '.join(unused)} does not apply to a {method} control ({path})")
+    return loader(path, unet, **given)

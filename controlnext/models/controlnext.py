@@ -20,9 +20,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
-CrossNormMode = Literal["official", "paper"]
+from ..denoisers import site_names, site_width
 
-INJECTION_POINTS = ("conv_in", "down_blocks.0", "mid_block")
+CrossNormMode = Literal["official", "paper"]
 
 _V2_LAYOUT = dict(stem_channels=(64, 64, 128), stem_groups=2, block_out_channels=(128, 256), block_groups=(4, 8),
                   mid_residual=True, out_channels=320, learnable_scale=False)
@@ -105,8 +105,8 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         injection: str = "conv_in",
     ):
         super().__init__()
-        if injection not in INJECTION_POINTS:
-            raise ValueError(f"unknown injection point {injection!r}; choose one of {', '.join(INJECTION_POINTS)}")
+        if injection not in site_names():
+            raise ValueError(f"unknown injection point {injection!r}; choose one of {', '.join(site_names())}")
         if cross_norm_mode not in ("official", "paper"):
             raise ValueError(f"unknown cross_norm_mode {cross_norm_mode!r}; use 'official' or 'paper'")
         if len(block_out_channels) != len(block_groups):
@@ -148,11 +148,18 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
     def injection(self) -> str:
         return self.config.injection
 
-    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, unet_inputs: dict) -> torch.Tensor:
+    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The attachment's call: at inference the timestep-free part is computed once per condition tensor."""
         if torch.is_grad_enabled():
             return self(condition, timestep)
         return self(condition, timestep, precomputed=self.cached_precompute(condition))
+
+    def base_mismatch(self, denoiser) -> str | None:
+        """The module's output width must be the denoiser's at the injection site."""
+        want, have = self.config.out_channels, site_width(denoiser, self.injection)
+        if want != have:
+            return (f"was made for a base model with {want} channels at {self.injection}, but this base has {have}")
+        return None
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "ControlNeXtModel":

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..control import ControlUnit, attach_control
 from ..control.loading import LoadedControl, load_control
+from ..denoisers import pipeline_denoiser
 from ..errors import ControlNextError
 from ..images import check_size, load_image, prepare_condition
 from ..request import SIZE_MULTIPLE
@@ -28,9 +29,10 @@ class ControlledPipeline:
         self.pipe = pipe
         self.controls = list(controls)
         self.loaded_scheduler = pipe.scheduler  # every `use_scheduler` starts from its config
+        self.denoiser = pipeline_denoiser(pipe)
         for control in self.controls:
-            if control.model.dtype != pipe.unet.dtype:
-                control.model.to(pipe.unet.dtype)
+            if control.model.dtype != self.denoiser.dtype:
+                control.model.to(self.denoiser.dtype)
             control.model.to(pipe.device)
 
     @classmethod
@@ -65,9 +67,10 @@ class ControlledPipeline:
         if len(modes) != len(controls):
             raise ControlNextError(f"{len(modes)} unet_weights values for {len(controls)} controls; "
                                    "give one, or one per control")
+        denoiser = pipeline_denoiser(pipe)
         loaded = [
             c if isinstance(c, LoadedControl)
-            else load_control(c, pipe.unet, allow_pickle=allow_pickle, unet_weights=mode, **control_options)
+            else load_control(c, denoiser, allow_pickle=allow_pickle, **_unless_auto(unet_weights=mode), **control_options)
             for c, mode in zip(controls, modes)
         ]
         controlled = cls(pipe, loaded)
@@ -84,7 +87,7 @@ class ControlledPipeline:
         set_scheduler(self.pipe, name)
 
     def default_size(self) -> tuple[int, int]:
-        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        side = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
         return side, side
 
     def __call__(
@@ -122,14 +125,14 @@ class ControlledPipeline:
             for control, image, scale, start, end in zip(self.controls, images, scales, starts, ends)
         ]
         guidance = kwargs.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 7.5))
-        cfg = guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        cfg = guidance > 1 and self.denoiser.config.get("time_cond_proj_dim") is None
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
         for unit in units:
             if unit.condition.shape[0] not in (1, len(prompts)):
                 raise ControlNextError(
                     f"{unit.condition.shape[0]} condition images for {len(prompts)} prompts; give one or one per prompt"
                 )
-        with attach_control(self.pipe.unet, units, scheduler=self.pipe.scheduler, apply_to=apply_to, cfg=cfg):
+        with attach_control(self.denoiser, units, scheduler=self.pipe.scheduler, apply_to=apply_to, cfg=cfg):
             return self.pipe(prompt=prompt, **kwargs)
 
     def _size(self, kwargs: dict) -> tuple[int, int]:
@@ -154,6 +157,11 @@ class ControlledPipeline:
                 tensors.append(prepare_condition(item, width, height, resize_mode)[None])
         condition = torch.cat(tensors)  # (b, 3, H, W)
         return condition.to(device=model.device, dtype=model.dtype)
+
+
+def _unless_auto(**options) -> dict:
+    """Options given a value other than "auto" (left at "auto", a method's loader keeps its own default)."""
+    return {name: value for name, value in options.items() if value != "auto"}
 
 
 def _per_control(value, defaults, n: int, what: str) -> list[float]:
