@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ControlNextError
+from .request import RESIZE_MODES
 
 if TYPE_CHECKING:
     import torch
@@ -106,15 +107,15 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def prepare_condition(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Condition image -> (3, height, width) tensor in [0, 1], resized to the generation size.
+def prepare_condition(image: Image.Image, width: int, height: int, mode: str = "crop_and_resize") -> torch.Tensor:
+    """Condition image -> (3, height, width) tensor in [0, 1], brought to the generation size with `mode`.
 
-    Policy: the condition is resized to cover the target and centre-cropped, so its aspect ratio is kept.
+    crop_and_resize (default) covers the target and centre-crops, keeping the aspect ratio; just_resize
+    stretches with Lanczos, as diffusers' VaeImageProcessor does in the official pipelines; resize_and_fill
+    fits the image inside and pads with black.
     """
-    image = to_rgb(image)
-    if image.size != (width, height):
-        image = resize_and_crop(image, width, height)
-    return pil_to_tensor(image)
+    resample = Image.LANCZOS if mode == "just_resize" else Image.BICUBIC
+    return pil_to_tensor(fit_image(to_rgb(image), width, height, mode, resample))
 
 
 def resize_and_crop(
@@ -128,9 +129,6 @@ def cover_and_crop_box(image_width: int, image_height: int, width: int, height: 
     """The (width, height) that covers the target and the (top, left) of the centre crop `resize_and_crop` takes."""
     new_size, (left, top) = fit_layout((image_width, image_height), (width, height), "crop_and_resize")
     return new_size, (top, left)
-
-
-RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 
 
 def fit_layout(size: tuple[int, int], target: tuple[int, int], mode: str) -> tuple[tuple[int, int], tuple[int, int]]:

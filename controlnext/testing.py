@@ -23,6 +23,31 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8
     return UNet2DConditionModel(**config).eval()
 
 
+def tiny_svd_unet(seed: int = 0):
+    """A two-level UNetSpatioTemporalConditionModel (channels 32, 64: its group norms take 32 groups)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(seed)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=16,
+        num_attention_heads=2, addition_time_embed_dim=4, projection_class_embeddings_input_dim=3 * 4,
+    ).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """A two-block SD3Transformer2DModel: 2x2 patches become tokens of 8 features."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=8, pooled_projection_dim=12,
+        pos_embed_max_size=16,
+    ).eval()
+
+
 def tiny_controlnext(seed: int = 0, out_channels: int = 8, **overrides):
     """A small ControlNeXt module (8x smaller output) matching `tiny_unet`'s first block."""
     from .models import ControlNeXtModel

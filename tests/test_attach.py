@@ -2,49 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from controlnext.control import ControlUnit, attach_control
 from controlnext.testing import tiny_controlnext, tiny_unet
-
-
-def official_inject(x, c, scale, eps=1e-12, pool_first=False):
-    """The official release's addition, written out by hand as the reference."""
-    if pool_first:
-        c = F.adaptive_avg_pool2d(c, x.shape[-2:])
-    mean_x, std_x = x.mean(dim=(1, 2, 3), keepdim=True), x.std(dim=(1, 2, 3), keepdim=True)
-    mean_c, std_c = c.mean(dim=(1, 2, 3), keepdim=True), c.std(dim=(1, 2, 3), keepdim=True)
-    c = (c - mean_c) * (std_x / (std_c + eps)) + mean_x
-    if not pool_first:
-        c = F.adaptive_avg_pool2d(c, x.shape[-2:])
-    return x + c * scale
-
-
-def reference_unet(unet, sample, t, text, control, point, scale, pool_first):
-    """UNet2DConditionModel's forward written out, with the control added at `point`."""
-    emb = unet.time_embedding(unet.time_proj(t.expand(sample.shape[0])).to(sample.dtype))
-    h = unet.conv_in(sample)
-    skips = (h,)  # the first skip is taken before any addition
-    if point == "conv_in":
-        h = official_inject(h, control, scale, pool_first=pool_first)
-    for i, block in enumerate(unet.down_blocks):
-        if getattr(block, "has_cross_attention", False):
-            h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=text)
-        else:
-            h, res = block(hidden_states=h, temb=emb)
-        skips += res  # the block's skips are stored before the addition
-        if i == 0 and point == "down_blocks.0":
-            h = official_inject(h, control, scale, pool_first=pool_first)
-    h = unet.mid_block(h, emb, encoder_hidden_states=text)
-    if point == "mid_block":
-        h = official_inject(h, control, scale, pool_first=pool_first)
-    for block in unet.up_blocks:
-        res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
-        if getattr(block, "has_cross_attention", False):
-            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=text)
-        else:
-            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res)
-    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+from official_code import reference_unet
 
 
 def inputs(batch=2, seed=0):
@@ -195,3 +156,19 @@ def test_weights_for_another_base_are_refused():
     bad = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0.weight": torch.zeros(3, 3)}
     with pytest.raises(ControlNextError, match="base model"):
         attach_control(unet, ControlUnit(tiny_controlnext(), None, unet_weights=bad))
+
+
+@pytest.mark.parametrize("point,channels,pool_first", POINTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_blank_condition_gives_a_finite_unet_output_in_half_precision(dtype, point, channels, pool_first):
+    unet = tiny_unet().to(dtype)
+    model = tiny_controlnext(out_channels=channels, injection=point, pool_before_norm=pool_first)
+    with torch.no_grad():
+        model.mid_convs[1].weight.zero_()  # a flat control whatever the condition: nothing to divide by
+        model.mid_convs[1].bias.fill_(0.25)
+    model = model.to(dtype)
+    sample, t, text, _ = inputs()
+    blank = torch.zeros(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad(), attach_control(unet, ControlUnit(model, blank, scale=1.0)):
+        out = unet(sample.to(dtype), t, text.to(dtype)).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()

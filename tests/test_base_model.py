@@ -83,6 +83,54 @@ def test_min_snr_weights_cap_easy_timesteps():
     assert torch.all(snr_weights(scheduler, timesteps, gamma=0.0) == 1.0)
 
 
+def test_min_snr_weights_follow_the_formula_on_the_schedule():
+    scheduler = build_scheduler()
+    timesteps = torch.arange(0, 1000, 37)
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)  # SNR(t) = alpha_t^2 / sigma_t^2
+    for prediction, denominator in (("epsilon", snr), ("v_prediction", snr + 1)):
+        expected = torch.minimum(snr, torch.tensor(5.0)) / denominator  # Hang et al. (2023), Eq. 9
+        torch.testing.assert_close(snr_weights(scheduler, timesteps, 5.0, prediction), expected, rtol=1e-5, atol=0)
+
+
+def test_moving_average_matches_the_warm_up_average_it_replaced():
+    """diffusers' EMAModel against the script's former average, theta <- d theta + (1 - d) theta_new with
+    d = min(decay, (1 + n) / (10 + n)) from n = 0; the only difference, diffusers copying at the first
+    update, weighs 0.1 * prod(d_n) ~ 1e-15 after 200 steps and ~1e-27 after the recipe's 4500."""
+    from controlnext.training.base_model import averaged_copies, moving_average
+
+    module = torch.nn.Linear(4, 3)
+    former = [p.detach().clone() for p in module.parameters()]
+    ema = moving_average([module], decay=0.998)
+    g = torch.Generator().manual_seed(0)
+    for n in range(200):
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=g) * 0.1)
+        ema.step(list(module.parameters()))
+        decay = min(0.998, (1 + n) / (10 + n))
+        former = [a.lerp(p.detach(), 1 - decay) for a, p in zip(former, module.parameters())]
+    (averaged,) = averaged_copies(ema, [module])
+    for mine, theirs in zip(averaged.parameters(), former):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert not any(torch.equal(a, p) for a, p in zip(averaged.parameters(), module.parameters()))
+
+
+def test_learning_rate_warms_up_linearly_then_falls_on_half_a_cosine_to_zero():
+    from controlnext.training.base_model import cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = cosine_schedule(optimizer, total=110, warmup=10)
+    rates = []
+    for _ in range(110):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[:10] == pytest.approx([step / 10 for step in range(10)])  # linear warm-up
+    assert rates[10] == pytest.approx(1.0) and rates[60] == pytest.approx(0.5)  # peak, then half way down
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 1e-3
+
+
 def test_scheduler_leaves_almost_no_signal_at_the_last_step():
     scheduler = build_scheduler()
     assert scheduler.alphas_cumprod[-1].sqrt() < 0.01 and scheduler.config.prediction_type == "v_prediction"

@@ -86,13 +86,14 @@ def test_control_for_another_base_is_refused(tmp_path, tiny_base, condition, cap
     assert "base model" in capsys.readouterr().err
 
 
-def test_console_script_and_debug_traceback(tmp_path, tiny_base):
+def test_console_script_and_debug_traceback(tmp_path, tiny_base, condition):
     argv = [sys.executable, "-m", "controlnext", "generate", "-p", "x", "--base", str(tiny_base), "-c",
-            str(tmp_path / "missing"), "-i", "x.png"]
+            str(tmp_path / "missing"), "-i", str(condition)]
     quiet = subprocess.run(argv, capture_output=True, text=True)
-    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "not found" in quiet.stderr
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].endswith(f"control weights not found: {tmp_path / 'missing'}")
     loud = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
-    assert loud.returncode != 0 and "Traceback" in loud.stderr
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "control weights not found" in loud.stderr
 
 
 def test_annotator_turns_a_photo_into_the_condition(tmp_path, tiny_base, tiny_control, shared_images):
@@ -108,6 +109,158 @@ def test_unknown_annotator_lists_the_known_ones(tmp_path, tiny_base, tiny_contro
             "--annotator", "telepathy"]
     assert main(argv) == 2
     assert "canny" in capsys.readouterr().err
+
+
+def test_resize_mode_and_unet_weights_flags(tmp_path, tiny_base, condition, capsys):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from controlnext.control.loading import save_controlnext
+    from controlnext.testing import tiny_controlnext
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    trained = {k: p.detach() + 0.1 * p.detach().std() * torch.randn(p.shape, generator=g)
+               for k, p in unet.named_parameters() if "to_out" in k}
+    control = save_controlnext(tmp_path / "trained", tiny_controlnext(seed=3), trained)
+    runs = {name: generate(tmp_path, tiny_base, control, condition, f"{name}.png", *flags) for name, flags in {
+        "auto": (), "absolute": ("--unet-weights", "absolute"), "increments": ("--unet-weights", "increments"),
+        "stretched": ("--resize-mode", "just_resize"),
+    }.items()}
+    pixels = {name: np.asarray(Image.open(path)) for name, path in runs.items()}
+    np.testing.assert_array_equal(pixels["auto"], pixels["absolute"])  # the tensors read as absolute weights
+    assert not np.array_equal(pixels["auto"], pixels["increments"])
+    assert not np.array_equal(pixels["auto"], pixels["stretched"])  # the 70 x 90 condition is stretched, not cropped
+    params = read_parameters(runs["stretched"])
+    assert params["resize_mode"] == "just_resize" and params["controls"][0]["unet_weights"] == "auto"
+    assert read_parameters(runs["increments"])["controls"][0]["unet_weights"] == "increments"
+
+    capsys.readouterr()
+    for flags, message in ((("--resize-mode", "squash"), "unknown resize mode"),
+                           (("--unet-weights", "relative"), "unknown --unet-weights"),
+                           (("--unet-weights", "auto", "--unet-weights", "auto"), "one per --control")):
+        argv = ["generate", "-p", "x", "--base", str(tiny_base), "-c", str(control), "-i", str(condition),
+                "--steps", "1", "-o", str(tmp_path / "bad.png"), *flags]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len([line for line in err if "error" in line]) == 1 and message in err[-1]
+
+
+def test_png_records_the_values_used_not_the_defaults_left_open(tmp_path, tiny_base, tiny_control, condition):
+    params = read_parameters(generate(tmp_path, tiny_base, tiny_control, condition, "used.png"))
+    assert params["controls"][0]["scale"] == 1.0  # the control's recommended scale
+    assert (params["dtype"], params["device"], params["scheduler"], params["seed"]) == ("fp32", "cpu", "unipc", 0)
+    assert (params["width"], params["height"]) == (64, 64)
+    assert None not in (params["controls"][0][key] for key in ("scale", "start", "end", "annotator"))
+
+
+def test_from_png_regenerates_the_image_identically(tmp_path, tiny_base, tiny_control, condition):
+    first = generate(tmp_path, tiny_base, tiny_control, condition, "first.png", "--seed", "4", "--scale", "0.7",
+                     "--scheduler", "euler_a", "--height", "72", "--guidance", "3", "--start", "0.1", "--end", "0.9",
+                     "-n", "blurry", "--num-images", "2")
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(tmp_path / "first_1.png"), "--no-progress", "-o", str(again)]) == 0
+    assert again.read_bytes() == (tmp_path / "first_1.png").read_bytes()  # pixels and parameters
+    other = tmp_path / "other.png"
+    assert main(["generate", "--from", str(again), "--seed", "9", "--scale", "0.2", "--no-progress",
+                 "-o", str(other)]) == 0  # flags given replace the stored values
+    params = read_parameters(other)
+    assert (params["seed"], params["controls"][0]["scale"], params["scheduler"]) == (9, 0.2, "euler_a")
+    assert not first.exists()  # two images: first_0.png and first_1.png
+
+
+REFUSED_BEFORE_LOADING = [
+    (["--scale", "nan"], "--scale nan: must be a finite number"),
+    (["--scale", "inf"], "--scale inf: must be a finite number"),
+    (["--guidance", "-1"], "--guidance -1.0: must be at least 0"),
+    (["--width", "68"], "--width 68: must be a multiple of 8"),
+    (["--width", "65"], "--width 65: must be a multiple of 8"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--num-images", "0"], "--num-images 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be at least 0"),
+    (["--start", "0.9", "--end", "0.2"], "--start 0.9 is after --end 0.2"),
+    (["--task", "img2img", "--init-image", "{image}", "--strength", "0"], "--strength 0.0: must be more than 0"),
+    (["--apply-to", "neither"], "unknown apply to 'neither'"),
+    (["--lora", "style.safetensors:nan"], "--lora weight nan: must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("extra,message", REFUSED_BEFORE_LOADING, ids=[" ".join(c[0]) for c in REFUSED_BEFORE_LOADING])
+def test_out_of_range_values_are_refused_in_one_line(tmp_path, tiny_control, condition, capsys, monkeypatch, extra,
+                                                     message):
+    from controlnext.pipelines import ControlledPipeline
+
+    monkeypatch.setattr(ControlledPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    extra = [arg.replace("{image}", str(condition)) for arg in extra]
+    argv = ["generate", "-p", "x", "-c", str(tiny_control), "-i", str(condition), "-o", "o.png", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_refused_value_costs_no_heavy_import(tiny_control, condition):
+    """Checking the flags imports neither torch nor diffusers, so the error comes in a fraction of a second."""
+    code = ("import sys; from controlnext.cli import main; "
+            f"rc = main(['generate', '-p', 'x', '-c', {str(tiny_control)!r}, '-i', {str(condition)!r}, '--scale', 'nan']); "
+            "print(rc, [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split("\n")[0] == "2 []", done.stderr
+
+
+@pytest.fixture
+def only_mps(monkeypatch):
+    """A machine without CUDA whose torch reports Apple's MPS."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+
+def cli_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
+    from controlnext.errors import ControlNextError
+    from controlnext.pipelines import ControlledPipeline
+
+    seen = {}
+
+    def load(*args, device, **kwargs):
+        seen["device"] = device
+        raise ControlNextError("stop before loading")
+
+    monkeypatch.setattr(ControlledPipeline, "from_pretrained", load)
+    main(["generate", "-p", "x", "--base", str(tiny_base), "-c", str(tiny_control), "-i", str(condition)])
+    return seen["device"]
+
+
+def web_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
+    web = pytest.importorskip("controlnext.web.app")
+    pytest.importorskip("gradio")
+    config = web.WebConfig(base=[str(tiny_base)], hide_embedded=True, api_only=True)
+    return web.create_app(config).state.engine.device
+
+
+def annotator_device(tiny_base, tiny_control, condition, monkeypatch) -> str:
+    from controlnext.annotators.local_models import resolve_device
+
+    return str(resolve_device("auto"))
+
+
+@pytest.mark.parametrize("device_of", [cli_device, web_device, annotator_device], ids=["cli", "web", "annotators"])
+def test_auto_device_is_one_rule_cuda_then_mps_then_cpu(only_mps, tiny_base, tiny_control, condition, monkeypatch,
+                                                        device_of):
+    assert device_of(tiny_base, tiny_control, condition, monkeypatch) == "mps"
+
+
+def test_a_device_the_machine_lacks_is_one_line(tiny_base, tiny_control, condition, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["generate", "-p", "x", "--base", str(tiny_base), "-c", str(tiny_control), "-i", str(condition),
+            "--device", "cuda"]
+    assert main(argv) == 2
+    assert "device 'cuda' is not available: this machine has no CUDA device" in capsys.readouterr().err
 
 
 def test_annotator_works_at_the_generation_size(tmp_path, tiny_base, tiny_control, shared_images, monkeypatch):

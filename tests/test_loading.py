@@ -60,7 +60,7 @@ def test_official_folder_with_unet_file_loads_against_its_base(tmp_path, increme
     save_controlnext(tmp_path / "ours", model)
     unet_file = next(tmp_path.glob("unet*.safetensors"))
     assert ("increasements" in unet_file.name) == increments
-    loaded = load_control(tmp_path / "ours", unet, unet_file=unet_file, increments=None if increments else False)
+    loaded = load_control(tmp_path / "ours", unet, unet_file=unet_file, unet_weights="auto" if increments else "absolute")
     assert set(loaded.unet_weights) == set(trained)
     for name, value in trained.items():
         torch.testing.assert_close(loaded.unet_weights[name], value)

@@ -133,3 +133,17 @@ def test_sdxl_pipeline_with_control_after_conv_in(tmp_path):
     controlled = pipe("a red circle", control_images=[circle()], generator=torch.Generator().manual_seed(0), **kwargs).images
     np.testing.assert_array_equal(zero, plain)
     assert controlled.shape == (1, 64, 64, 3) and np.abs(controlled - plain).max() > 1e-3
+
+
+def test_just_resize_gives_the_condition_the_official_pipelines_give(pipes):
+    from diffusers.image_processor import VaeImageProcessor
+
+    noise = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)  # another size and aspect ratio than the 64 x 64 generation
+    official = VaeImageProcessor(do_normalize=False, do_convert_rgb=True).preprocess(image, height=64, width=64)
+    pipe = pipes["txt2img"]
+    model = pipe.controls[0].model
+    stretched = pipe._condition_batch(image, 64, 64, model, "just_resize")
+    assert torch.equal(stretched, official.to(stretched.dtype))
+    assert not torch.equal(stretched, pipe._condition_batch(image, 64, 64, model, "crop_and_resize"))
+    assert np.abs(run(pipe, condition=image, resize_mode="just_resize") - run(pipe, condition=image)).max() > 1e-4

@@ -299,3 +299,48 @@ def test_shapes_world_is_a_generated_data_set(tiny_base, tmp_path):
     sample = ShapesWorld(conditions=("mask",)).sample(3, "train")
     assert caption == sample.caption and np.array_equal(np.asarray(condition), np.asarray(sample.conditions["mask"]))
     assert np.array_equal(np.asarray(image), np.asarray(sample.image))
+
+
+# -- validation and prompts come from the family's own pipeline -------------------------------------------------
+
+def former_sampling_loop(base, control, conditions, prompts, steps, guidance_scale, seed):
+    """The hand-written DDIM loop validation used before it ran the pipeline: the reference it must equal."""
+    from diffusers import DDIMScheduler
+
+    from controlnext.training.trainer import ControlledUNet
+
+    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
+    scheduler.set_timesteps(steps)
+    n, _, height, width = conditions.shape
+    latents = torch.randn((n, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed))
+    tokenizer, encoder = base.pipe.tokenizer, base.text_encoders[0]
+    ids = tokenizer([""] * n + prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    hidden = encoder(ids)[0]  # (2n, tokens, d): unconditional first
+    model = ControlledUNet(base.unet, control, 0.8)
+    for t in scheduler.timesteps:
+        prediction = model(scheduler.scale_model_input(torch.cat([latents, latents]), t), t, hidden,
+                           torch.cat([conditions, conditions]))
+        unconditional, conditional = prediction.chunk(2)
+        latents = scheduler.step(unconditional + guidance_scale * (conditional - unconditional), t, latents).prev_sample
+    images = base.vae.decode(latents / base.vae.config.scaling_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def test_validation_runs_the_pipeline_as_the_former_loop_did(tiny_base):
+    from controlnext.training.validation import generate
+
+    base = load_training_base(tiny_base)
+    conditions = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", "a blue square"]
+    control = tiny_controlnext(seed=4)
+    with torch.no_grad():
+        expected = former_sampling_loop(base, control, conditions, prompts, 3, 5.0, seed=7)
+        tokenizer = base.pipe.tokenizer
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        hidden, pooled = base.encode_prompts(prompts, "cpu")
+        assert torch.equal(hidden, base.text_encoders[0](ids)[0]) and pooled is None
+    got = generate(base, control, conditions, prompts, steps=3, guidance_scale=5.0, seed=7, scale=0.8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not base.unet._forward_pre_hooks  # detached after the call

@@ -171,6 +171,24 @@ def test_several_images_get_consecutive_seeds(server, names):
     assert not np.array_equal(np.asarray(decode(images[0])), np.asarray(decode(images[1])))
 
 
+def test_resize_mode_and_unet_weights_reach_the_library_and_the_parameters(server, names):
+    body = request_body(names, resize_mode="just_resize")
+    body["controls"][0]["unet_weights"] = "absolute"
+    response = server.post("/api/generate", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()["images"][0]
+    assert answer["parameters"]["resize_mode"] == "just_resize"
+    assert answer["parameters"]["controls"][0]["unet_weights"] == "absolute"
+    cropped = server.post("/api/generate", json=request_body(names)).json()["images"][0]
+    assert cropped["parameters"]["resize_mode"] == "crop_and_resize"
+    assert cropped["parameters"]["controls"][0]["unet_weights"] == "auto"
+    assert not np.array_equal(np.asarray(decode(answer)), np.asarray(decode(cropped)))
+    for bad, field in ((request_body(names, resize_mode="squash"), "resize_mode"),
+                       (with_control(unet_weights="relative")(request_body(names)), "unet_weights")):
+        response = server.post("/api/generate", json=bad)
+        assert response.status_code == 422 and field in response.json()["error"]
+
+
 def test_annotate(server):
     from controlnext.web.engine import available_annotators
 
@@ -210,6 +228,36 @@ def test_openapi_schema_lists_the_routes_and_their_limits(server):
     assert width["multipleOf"] == 8 and width["maximum"] == 2048
     assert set(fields["scheduler"]["enum"]) == {"ddim", "unipc", "euler", "euler_a", "dpm++2m"}
     assert "503" in schema["paths"]["/api/generate"]["post"]["responses"]
+
+
+def test_the_api_takes_defaults_limits_and_help_from_the_generation_request(server):
+    from controlnext.request import GenerationRequest, settings
+
+    fields = server.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    specs = settings(GenerationRequest)
+    shared = {name for name in fields if name not in ("base", "seed", "controls", "loras")}
+    assert shared >= {"prompt", "steps", "guidance", "scheduler", "width", "strength", "num_images"}
+    for name in shared:
+        assert fields[name]["description"] == specs[name].help, name
+        if not specs[name].required:
+            assert fields[name].get("default") == specs[name].default, name
+    assert fields["guidance"]["minimum"] == specs["guidance"].limits["ge"] == 0
+
+
+def test_the_web_and_the_cli_store_the_same_parameters(server, names, tiny_base, tiny_control, tmp_path):
+    from controlnext.cli import main
+
+    answer = server.post("/api/generate", json=request_body(names)).json()["images"][0]
+    condition, out = tmp_path / "condition.png", tmp_path / "cli.png"
+    square_condition().save(condition)
+    assert main(["generate", "-p", "a red circle", "-n", "blurry", "--base", str(tiny_base), "-c", str(tiny_control),
+                 "-i", str(condition), "--scale", "0.5", "--end", "0.8", "--steps", "2", "--seed", "3", "--height", "80",
+                 "--scheduler", "ddim", "--no-progress", "-o", str(out)]) == 0
+    web, cli = answer["parameters"], read_parameters(out)
+    assert [key for key in web if web[key] != cli[key]] == ["controls"]
+    assert [key for key in web["controls"][0] if web["controls"][0][key] != cli["controls"][0][key]] == ["image"]
+    assert web["controls"][0]["image"].startswith("sha256:") and cli["controls"][0]["image"] == str(condition)
+    np.testing.assert_array_equal(np.asarray(decode(answer).convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
 
 
 def test_concurrent_requests_all_complete(server, names):
@@ -360,6 +408,24 @@ def test_catalog_finds_models_and_names_them_uniquely(tmp_path, tiny_base, tiny_
         ModelCatalog().find("lora", "x")
 
 
+def test_catalog_lists_diffusers_controlnet_folders_and_files_that_load_control_loads(tmp_path):
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from controlnext.control.loading import load_control
+    from controlnext.testing import tiny_controlnet, tiny_unet
+
+    unet = tiny_unet()
+    controlnet = tiny_controlnet(unet)
+    plain = ControlNetModel.from_config(controlnet.config)
+    plain.load_state_dict(controlnet.state_dict())
+    plain.save_pretrained(tmp_path / "models" / "controlnet-canny")  # diffusers' own folder: no control.json
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "models" / "single.safetensors"))
+    catalog = ModelCatalog.discover([tmp_path / "models"], include_embedded=False)
+    assert [(e.name, e.kind) for e in catalog.controls] == [("controlnet-canny", "control"), ("single", "control")]
+    assert load_control(catalog.find("control", "controlnet-canny").path, unet).method == "controlnet"
+
+
 def test_tiny_demo_offers_a_working_model_without_any_set_up(tmp_path, monkeypatch):
     import tempfile
 
@@ -436,16 +502,16 @@ def test_annotate_refuses_a_resolution_beyond_the_pixel_limit(server):
 
 
 def test_generate_annotates_at_the_generation_size(server, names, monkeypatch):
-    from controlnext.web import engine
+    from controlnext import generation
 
     sizes = []
-    original = engine.annotate_condition
+    original = generation.annotate_condition
 
-    def recording(name, image, options=None, size=None):
+    def recording(name, image, options=None, size=None, resize_mode="crop_and_resize"):
         sizes.append(size)
-        return original(name, image, options, size)
+        return original(name, image, options, size, resize_mode)
 
-    monkeypatch.setattr(engine, "annotate_condition", recording)
+    monkeypatch.setattr(generation, "annotate_condition", recording)
     body = request_body(names, width=64, height=80)
     body["controls"][0]["annotator"] = "canny"
     assert server.post("/api/generate", json=body).status_code == 200

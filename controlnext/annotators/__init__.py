@@ -23,7 +23,7 @@ from .openpose_format import (
     read_openpose_json,
     render_openpose_json,
 )
-from .registry import AnnotatorSpec, annotate, annotate_at_size, get_annotator, list_annotators, parse_options, register_annotator
+from .registry import AnnotatorSpec, annotate, annotate_at_size, check_annotator, get_annotator, list_annotators, parse_options, register_annotator
 from .segments import color_segments
 from .semantic_segmentation import segmentation
 from .shuffle import content_shuffle
@@ -51,6 +51,7 @@ __all__ = [
     "PersonKeypoints",
     "annotate",
     "annotate_at_size",
+    "check_annotator",
     "detect_people",
     "draw_openpose",
     "get_annotator",

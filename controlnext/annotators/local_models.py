@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import devices
 from ..errors import ControlNextError
 
 if TYPE_CHECKING:
@@ -16,23 +17,10 @@ _FOLDER_LAYOUT = "a folder saved with save_pretrained (config.json, model.safete
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available, else the CPU; a device this machine lacks is refused in one line."""
+    """The torch device for a name; 'auto' follows the rule generation uses (controlnext.devices)."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ControlNextError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
-        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-        raise ControlNextError(f"device {device!r} is not available: this machine has {found}; use device=cpu or auto")
-    if chosen.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ControlNextError(f"device {device!r} is not available on this machine; use device=cpu or auto")
-    if chosen.type not in ("cpu", "cuda", "mps"):
-        raise ControlNextError(f"device {device!r} is not supported here; use auto, cpu, cuda or mps")
-    return chosen
+    return torch.device(devices.resolve_device(device))
 
 
 def load_local_model(model_path: str | Path | None, auto_class: str, task: str, examples: str) -> tuple[Any, Any]:

@@ -177,6 +177,15 @@ def annotate_at_size(
     return annotate(name, image, output_size=tuple(size), resize_mode=resize_mode, **options)
 
 
+def check_annotator(name: str, options: dict[str, Any] | None = None) -> None:
+    """Refuse an unknown annotator or option, without running anything ("none" takes no options)."""
+    if name == "none":
+        if options:
+            raise ControlNextError("annotator 'none' takes no options")
+        return
+    get_annotator(name).check_options(options or {})
+
+
 def _scaled_to(source: Image.Image, resolution: int) -> Image.Image:
     scale = resolution / min(source.size)
     check_pixels(round(source.width * scale), round(source.height * scale),

@@ -138,16 +138,12 @@ def uncontrolled_fidelity(setup: ConvergenceSetup, images: list[str], prompts: l
     """The floor: the base model alone, same prompts, seed, sampler and guidance, scored against the conditions."""
     from ..images import load_image, prepare_condition
     from ..training.base import load_training_base
-    from ..training.validation import fidelity, resolve_metric, sample
+    from ..training.validation import fidelity, generate, resolve_metric
 
     base = load_training_base(setup.base)
     conditions = torch.stack([prepare_condition(load_image(p), setup.resolution, setup.resolution) for p in images])
-
-    def unet_alone(latents, timestep, hidden, condition, added):
-        return base.unet(latents, timestep, hidden, added_cond_kwargs=added).sample
-
-    generated = sample(unet_alone, base, conditions, prompts, steps=setup.sampling_steps,
-                       guidance_scale=setup.guidance_scale, seed=setup.seed, device=torch.device("cpu"))
+    generated = generate(base, None, conditions, prompts, steps=setup.sampling_steps,
+                         guidance_scale=setup.guidance_scale, seed=setup.seed)
     return fidelity(resolve_metric(setup.metric), conditions, generated)
 
 

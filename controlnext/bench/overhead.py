@@ -43,33 +43,45 @@ class StepSetup:
     text: torch.Tensor  # (2b, tokens, d)
     condition: torch.Tensor  # (b, 3, 8h, 8w) in [0, 1]: one per image, shared by both CFG halves
     resolution: int
+    added_cond_kwargs: dict | None = None  # SDXL's pooled text embeddings and size/crop ids
 
     def units(self) -> list[ControlUnit]:
         return [ControlUnit(self.controlnext, self.condition, name="controlnext"),
                 ControlUnit(self.controlnet, self.condition, name="controlnet")]
 
     def step(self) -> torch.Tensor:
-        return self.unet(self.sample, self.timestep, self.text).sample
+        return self.unet(self.sample, self.timestep, self.text, added_cond_kwargs=self.added_cond_kwargs).sample
 
     def module_call(self, name: str):
         """One control model's own call as the attachment makes it (ControlNeXt once, ControlNet on the batch)."""
         if name == "controlnext_module":
             return self.controlnext.control_features(self.condition, self.timestep.reshape(1), {})
         condition = self.condition.repeat(self.sample.shape[0] // self.condition.shape[0], 1, 1, 1)  # (2b, 3, H, W)
-        inputs = {"sample": self.sample, "encoder_hidden_states": self.text}
+        inputs = {"sample": self.sample, "encoder_hidden_states": self.text, "added_cond_kwargs": self.added_cond_kwargs}
         return self.controlnet.control_features(condition, self.timestep.expand(self.sample.shape[0]), inputs)
 
 
-def make_setup(unet, controlnext, controlnet, resolution: int, images: int = 1, tokens: int = 77, seed: int = 0) -> StepSetup:
-    """Inputs for `unet` at `resolution` pixels (latent 1/8), CFG batch of 2 x `images`."""
+def make_setup(unet, controlnext, controlnet, resolution: int, images: int = 1, tokens: int = 77, seed: int = 0,
+               dtype: torch.dtype = torch.float32, added_cond: bool = False) -> StepSetup:
+    """Inputs for `unet` at `resolution` pixels (latent 1/8), CFG batch of 2 x `images`.
+
+    `added_cond` adds SDXL's pooled text embeddings and size/crop ids (random values of the right shapes).
+    """
     device = unet.device if unet.device.type != "meta" else torch.device("meta")
     g = torch.Generator().manual_seed(seed)
     latent = resolution // 8
     sample = torch.randn(2 * images, unet.config.in_channels, latent, latent, generator=g)
     text = torch.randn(2 * images, tokens, unet.config.cross_attention_dim, generator=g)
     condition = torch.rand(images, 3, resolution, resolution, generator=g)
-    return StepSetup(unet, controlnext.eval(), controlnet.eval(), sample.to(device), torch.tensor(500, device=device),
-                     text.to(device), condition.to(device), resolution)
+    added = None
+    if added_cond:
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2 * images, dtype=torch.float32)
+        added = {"text_embeds": torch.randn(2 * images, pooled, generator=g).to(device, dtype),
+                 "time_ids": ids.to(device, dtype)}
+    return StepSetup(unet, controlnext.eval(), controlnet.eval(), sample.to(device, dtype),
+                     torch.tensor(500, device=device), text.to(device, dtype), condition.to(device, dtype), resolution,
+                     added)
 
 
 def architecture_setup(architecture: str = "sd15", resolution: int = 512, device: str = "cpu", seed: int = 0) -> StepSetup:
@@ -108,12 +120,13 @@ def count_flops(setup: StepSetup) -> dict:
     return {"flops": flops, "overhead": {name: flops[name] / base - 1 for name in CONFIGURATIONS if name != "base"}}
 
 
-def time_steps(setup: StepSetup, repeats: int = 5, warmup: int = 1) -> dict:
+def time_steps(setup: StepSetup, repeats: int = 5, warmup: int = 1, sync=None) -> dict:
     """Seconds per step of each configuration and per control model call, interleaved, in two clocks.
 
     On a machine shared with other work, wall-clock time also counts the waits for a free core; CPU time
     counts only the step's own work. Each clock gets medians, IQRs, and overheads as the median of
     per-round ratios to the base step (paired: same round, same load) and as fastest over fastest.
+    `sync` (e.g. torch.cuda.synchronize) waits for queued device work before each clock reading.
     """
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
     seconds = {clock: {name: [] for name in (*CONFIGURATIONS, *MODULE_CALLS)} for clock in clocks}
@@ -123,13 +136,13 @@ def time_steps(setup: StepSetup, repeats: int = 5, warmup: int = 1) -> dict:
             for name in (*CONFIGURATIONS, *MODULE_CALLS):
                 if name in CONFIGURATIONS:
                     _configure(setup, units, name)
-                    elapsed = _timed(clocks, setup.step)
+                    elapsed = _timed(clocks, setup.step, sync)
                 else:
-                    elapsed = _timed(clocks, lambda: setup.module_call(name))
+                    elapsed = _timed(clocks, lambda: setup.module_call(name), sync)
                 if round_index >= warmup:
                     for clock, value in elapsed.items():
                         seconds[clock][name].append(value)
-        precompute = [_timed(clocks, lambda: setup.controlnext.precompute(setup.condition)) for _ in range(3)]
+        precompute = [_timed(clocks, lambda: setup.controlnext.precompute(setup.condition), sync) for _ in range(3)]
     return {clock: summarize(per_config, statistics.median(p[clock] for p in precompute))
             for clock, per_config in seconds.items()}
 
@@ -186,9 +199,13 @@ def _configure(setup: StepSetup, units: list[ControlUnit], name: str) -> None:
         setup.controlnext.clear_cache()
 
 
-def _timed(clocks: dict, call) -> dict[str, float]:
+def _timed(clocks: dict, call, sync=None) -> dict[str, float]:
+    if sync:
+        sync()
     start = {clock: read() for clock, read in clocks.items()}
     call()
+    if sync:
+        sync()
     return {clock: read() - start[clock] for clock, read in clocks.items()}
 
 

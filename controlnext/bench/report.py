@@ -44,7 +44,7 @@ def machine_info() -> dict:
 
 def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None,
                    training_cost: dict | None = None, convergence: dict | None = None,
-                   generation: dict | None = None) -> dict:
+                   generation: dict | None = None, gpu: dict | None = None) -> dict:
     """Merge new results into the JSON file at `path` and return all.
 
     One overhead entry per resolution, one training-cost entry per architecture and resolution, one
@@ -65,6 +65,8 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
         results["convergence"][setup.get("label", setup["kind"])] = convergence
     if generation is not None:
         results["generation"] = generation
+    if gpu is not None:
+        results["gpu"] = gpu
     path.write_text(json.dumps(results, indent=1))
     return results
 
@@ -98,7 +100,42 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
         lines += _training_cost_table(list(results["training_cost"].values()))
     if results.get("convergence"):
         lines += _convergence_tables(results["convergence"])
+    lines += _gpu_tables(results.get("gpu"))
     return "\n".join(lines) + "\n"
+
+
+def _gpu_tables(entry: dict | None) -> list[str]:
+    lines = ["## On a GPU", ""]
+    if not entry:
+        return lines + ["Not measured yet: `bash scripts/gpu_check.sh` on a CUDA machine takes these figures "
+                        "(half-precision checks, step and training cost, whole SDXL generation against diffusers' "
+                        "ControlNet pipeline, `torch.compile`) and adds them here.", ""]
+    machine = entry["machine"]
+    lines += [f"`python -m controlnext.bench.gpu` on {machine.get('gpu', entry['device'])}, {entry['dtype']}, random "
+              f"weights; wall-clock medians. {_versions(machine)}.", "",
+              "| base | size | finite (base / ControlNeXt / ControlNet / blank condition) | ControlNeXt scale 0 = base "
+              "| step overhead ControlNeXt / ControlNet | whole generation: base / ControlNeXt / diffusers ControlNet "
+              "| training step ControlNeXt / ControlNet (peak memory) | torch.compile speed-up (recompiles) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, arch in entry["architectures"].items():
+        check, step, generation = arch["generation_check"], arch["step"]["overhead"], arch["generation"]
+        finite = " / ".join("yes" if check[k] else "NO" for k in (
+            "base_finite", "controlnext_finite", "controlnet_finite", "controlnext_blank_condition_finite"))
+        median = generation["median"]
+        whole = (f"{median['base']:.2f} s / {median['controlnext']:.2f} s ({generation['overhead']['controlnext']:+.1%}) / "
+                 f"{median['diffusers_controlnet']:.2f} s ({generation['overhead']['diffusers_controlnet']:+.1%}), "
+                 f"{generation['steps']} steps")
+        training = "-"
+        if arch.get("training"):
+            methods = arch["training"]["methods"]
+            training = " / ".join(f"{methods[m]['median']:.3f} s ({methods[m]['peak_bytes'] / 2**30:.1f} GiB)"
+                                  for m in ("controlnext", "controlnet"))
+        compiled = arch.get("compile")
+        compiled = (f"x{compiled['speedup']:.2f} ({compiled['graphs_compiled_after_first_generation']})"
+                    if compiled else "-")
+        lines.append(f"| {name} | {arch['size']} px | {finite} | {'yes' if check['controlnext_scale0_equals_base'] else 'NO'} "
+                     f"| {step['controlnext']:+.1%} / {step['controlnet']:+.1%} | {whole} | {training} | {compiled} |")
+    return lines + [""]
 
 
 def _versions(machine: dict) -> str:

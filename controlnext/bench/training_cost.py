@@ -31,18 +31,20 @@ def _resident_bytes() -> int:
 
 
 def measure_method(method: str, architecture: str | dict = "sd15", resolution: int = 256, batch: int = 1, steps: int = 3,
-                   warmup: int = 1, threads: int | None = 1, device: str = "cpu") -> dict:
+                   warmup: int = 1, threads: int | None = 1, device: str = "cpu", autocast: str | None = None) -> dict:
     """Build the base and `method`'s control, train `warmup + steps` steps, return times and memory (this process).
 
     `architecture` names an entry of ARCHITECTURES or is one: {"unet": UNet config, "controlnext_variant":
     a release layout or None, "module_config": JSON sizes for ControlNeXt when there is no variant}.
+    `autocast` ("fp16", "bf16") runs the forward pass under torch.autocast, as mixed-precision training does.
     """
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
 
     from ..training.config import TrainConfig
-    from ..training.methods import get_method, is_sdxl_unet
+    from ..denoisers import family
+    from ..methods import get_method
     from ..training.selection import resolve_patterns, select_parameters
     from ..training.trainer import ControlledUNet, make_optimizer
     from .architectures import ARCHITECTURES
@@ -52,13 +54,14 @@ def measure_method(method: str, architecture: str | dict = "sd15", resolution: i
     torch.manual_seed(0)
     spec = ARCHITECTURES[architecture] if isinstance(architecture, str) else architecture
     unet = UNet2DConditionModel(**spec["unet"]).to(device)
-    sdxl = is_sdxl_unet(unet)
+    kind = family(unet)
+    sdxl = kind == "sdxl"
     training = get_method(method)
     variant = spec.get("controlnext_variant") if method == "controlnext" else None
     config = TrainConfig(method=method, data="-", output_dir="-", module_variant=variant,
                          module_config=None if variant else spec.get("module_config"))
     control = training.build(unet, config).to(device)
-    patterns = resolve_patterns(unet, ["auto"], is_sdxl=sdxl, auto=training.auto_trainable(sdxl))
+    patterns = resolve_patterns(unet, ["auto"], is_sdxl=sdxl, auto=training.trainable(kind))
     selected = set(select_parameters(unet, patterns))
     unet.requires_grad_(False)
     for name, parameter in unet.named_parameters():
@@ -82,6 +85,7 @@ def measure_method(method: str, architecture: str | dict = "sd15", resolution: i
     )
     target = torch.randn(shape, generator=generator).to(device)
     cuda = device.startswith("cuda")
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[autocast]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -90,7 +94,8 @@ def measure_method(method: str, architecture: str | dict = "sd15", resolution: i
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
-        loss = F.mse_loss(model(**inputs).float(), target)
+        with torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None):
+            loss = F.mse_loss(model(**inputs).float(), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -114,7 +119,7 @@ def _child(queue, kwargs) -> None:
 
 def measure_training_cost(architecture: str | dict = "sd15", resolution: int = 256, batch: int = 1, steps: int = 3,
                           warmup: int = 1, threads: int | None = 1, device: str | None = None,
-                          methods: tuple[str, ...] = METHODS, log=print) -> dict:
+                          methods: tuple[str, ...] = METHODS, autocast: str | None = None, log=print) -> dict:
     """Both methods, each in a fresh process, at the same size; with the ratio of ControlNeXt to ControlNet."""
     import torch
 
@@ -129,7 +134,7 @@ def measure_training_cost(architecture: str | dict = "sd15", resolution: int = 2
         queue = context.Queue()
         process = context.Process(target=_child, args=(queue, dict(
             method=method, architecture=architecture, resolution=resolution, batch=batch, steps=steps,
-            warmup=warmup, threads=threads, device=device)))
+            warmup=warmup, threads=threads, device=device, autocast=autocast)))
         process.start()
         status, value = queue.get()
         process.join()
@@ -137,7 +142,7 @@ def measure_training_cost(architecture: str | dict = "sd15", resolution: int = 2
             raise ControlNextError(f"training-cost run of {method} failed: {value}")
         entries[method] = value
     result = {"architecture": name, "resolution": resolution, "batch": batch, "steps": steps,
-              "warmup": warmup, "threads": threads, "device": device, "methods": entries}
+              "warmup": warmup, "threads": threads, "device": device, "autocast": autocast, "methods": entries}
     if set(METHODS) <= set(entries):
         cnx, cn = entries["controlnext"], entries["controlnet"]
         result["time_ratio"] = cnx["median"] / cn["median"]

@@ -1,7 +1,8 @@
 """The `controlnext` command line: a thin layer over the library, one module per subcommand.
 
 Each subcommand module defines `add_parser(subparsers, parent)`, which registers its parser and sets
-`run=callable(args) -> int | None`. Heavy imports (torch, diffusers, gradio) happen inside `run`, after the
+`run=callable(args) -> int | None`, and may set `check=callable(args)`, which refuses bad flags without
+heavy imports and runs first. Heavy imports (torch, diffusers, gradio) happen inside `run`, after the
 checks that need none of them, so `--help`, `annotate` and bad input answer in a fraction of a second.
 """
 
@@ -59,9 +60,11 @@ def quiet_loading_bars() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:
-        quiet_libraries()
     try:
+        if hasattr(args, "check"):
+            args.check(args)
+        if not args.debug:
+            quiet_libraries()
         return args.run(args) or 0
     except ControlNextError as error:
         if args.debug:

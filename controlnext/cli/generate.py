@@ -1,4 +1,8 @@
-"""`controlnext generate`: images from a prompt and one or more controls, each PNG carrying its parameters."""
+"""`controlnext generate`: images from a prompt and one or more controls, each PNG carrying its parameters.
+
+The flags are the fields of `controlnext.request.GenerationRequest`; a request is built and checked before
+torch is imported, so a bad value costs a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -6,144 +10,155 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import ControlNextError
 from ..metadata import PARAMETERS_KEY, read_parameters, save_with_parameters  # noqa: F401 (read_parameters: public here too)
+from ..request import ControlSettings, GenerationRequest, LoraSettings, Setting, settings
+
+NESTED = {"controls": ControlSettings}  # list fields whose items' fields are repeatable flags, one per control
+METAVARS = {int: "N", float: "X"}
 
 
 def add_parser(subparsers, parent) -> None:
     p = subparsers.add_parser(
         "generate", parents=[parent], help="generate images with control",
         description="Generate images that follow a prompt and one or more control conditions. Repeat "
-        "--control/--image (and optionally --scale/--start/--end/--annotator) once per control.",
+        "--control/--image (and optionally --scale/--start/--end/--annotator/--unet-weights) once per control; a "
+        "per-control flag given once applies to every control.",
     )
-    p.add_argument("--prompt", "-p", required=True, help="what to draw")
-    p.add_argument("--negative-prompt", "-n", default="", help="what not to draw (used by classifier-free guidance)")
-    p.add_argument("--base", default=None, help="base model: diffusers folder, .safetensors file or cached model id "
-                   "(default: the embedded shapes model)")
-    p.add_argument("--base-config", default=None, help="diffusers folder whose configs a single-file --base uses")
-    p.add_argument("--control", "-c", action="append", default=[], metavar="PATH",
-                   help="control weights: a folder or file, or the name of a bundled control (repeatable)")
-    p.add_argument("--image", "-i", action="append", default=[], metavar="IMAGE", help="condition image per control")
-    p.add_argument("--annotator", action="append", default=None, metavar="NAME",
-                   help="make the condition from --image with this annotator (per control; 'none' to skip)")
-    p.add_argument("--scale", action="append", type=float, default=None, help="control strength per control")
-    p.add_argument("--start", action="append", type=float, default=None, help="fraction of the schedule where control starts")
-    p.add_argument("--end", action="append", type=float, default=None, help="fraction of the schedule where control ends")
-    p.add_argument("--apply-to", choices=["both", "cond"], default="both",
-                   help="apply control to both classifier-free guidance halves (official) or the conditional one")
-    p.add_argument("--variant", default=None, help="official ControlNeXt layout of a release file (sdxl, sd15, sd15-v1, svd)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled .bin/.pth weights (trusted files only)")
-    p.add_argument("--allow-download", action="store_true", help="allow downloading a base model id from the Hugging Face Hub")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder to look for model ids in")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="style LoRA with its weight (repeatable)")
-    p.add_argument("--task", choices=["txt2img", "img2img", "inpaint"], default="txt2img", help="what the base pipeline does")
-    p.add_argument("--init-image", default=None, help="starting image for img2img and inpaint")
-    p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
-    p.add_argument("--strength", type=float, default=0.75, help="how much img2img/inpaint changes the init image")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 disables it)")
-    p.add_argument("--scheduler", default="unipc", help="ddim, unipc, euler, euler_a or dpm++2m")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image k of a batch uses seed + k")
-    p.add_argument("--width", type=int, default=None, help="image width (multiple of 8; default: the model's size)")
-    p.add_argument("--height", type=int, default=None, help="image height (multiple of 8)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate")
+    p.add_argument("--from", dest="from_png", metavar="PNG", help="start from the parameters stored in a PNG made by "
+                   "controlnext (all but --device); flags given too replace them, --control replaces its controls")
+    add_request_arguments(p)
     p.add_argument("--output", "-o", default="output.png", help="output PNG; with several images, _0, _1, ... are added")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, fp16 on GPU")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(check=check, run=run)
 
 
-def parse_lora(text: str) -> tuple[str, float]:
-    from ..errors import ControlNextError
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    path, _, weight = text.rpartition(":") if ":" in text and not Path(text).exists() else (text, "", "1")
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per request field (per control field: repeatable); defaults stay None so --from can fill them."""
+    for spec in settings(GenerationRequest).values():
+        if spec.name in NESTED:
+            for item in settings(NESTED[spec.name]).values():
+                if item.cli:
+                    _add(parser, item, repeat=True)
+        elif spec.name == "loras":
+            parser.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                                help="style LoRA with its weight (repeatable)")
+        elif spec.cli:
+            _add(parser, spec)
+
+
+def _add(parser: argparse.ArgumentParser, spec: Setting, repeat: bool = False) -> None:
+    names = [flag(spec.name), *([spec.short] if spec.short else [])]
+    help_text = spec.help
+    if spec.kind is bool:
+        parser.add_argument(*names, action="store_true", default=None, help=help_text)
+        return
+    if not spec.required and spec.default not in (None, "") and not repeat:
+        help_text += f" (default: {spec.default})"
+    if repeat:
+        help_text += " (per control)"
+    value_type = spec.kind if spec.kind in (int, float) else str
+    metavar = spec.metavar or ("{" + ",".join(spec.choices) + "}" if spec.choices else METAVARS.get(spec.kind, "TEXT"))
+    parser.add_argument(*names, type=value_type, action="append" if repeat else "store", default=None,
+                        metavar=metavar, help=help_text)
+
+
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    """The request the flags (over the parameters of --from, if given) describe, checked."""
+    values = GenerationRequest.values_from_parameters(_stored_parameters(args.from_png)) if args.from_png else {}
+    for spec in settings(GenerationRequest).values():
+        given = getattr(args, spec.name, None)
+        if spec.name not in NESTED and spec.name != "loras" and given is not None:
+            values[spec.name] = given
+    values["controls"] = _controls(args, values.get("controls", []))
+    if args.lora is not None:
+        values["loras"] = [LoraSettings.parse(text) for text in args.lora]
+    if "prompt" not in values:
+        raise ControlNextError("--prompt is required (or --from a PNG made by controlnext)")
+    return GenerationRequest(**values).check(flag)
+
+
+def _controls(args: argparse.Namespace, stored: list[ControlSettings]) -> list[ControlSettings]:
+    """Controls from the per-control flags; without --control, the flags given change the stored controls."""
+    per_control = {name: getattr(args, name) for name, spec in settings(ControlSettings).items()
+                   if spec.cli and getattr(args, name) is not None}
+    if "control" in per_control:
+        controls, images = per_control.pop("control"), per_control.pop("image", [])
+        if len(images) != len(controls):
+            raise ControlNextError(f"{len(controls)} --control but {len(images)} --image; give one image per control")
+        stored = [ControlSettings(c, i) for c, i in zip(controls, images)]
+    elif per_control and not stored:
+        raise ControlNextError(f"{flag(next(iter(per_control)))} needs a --control")
+    n = len(stored)
+    for name, given in per_control.items():
+        if len(given) not in (1, n):
+            raise ControlNextError(f"{len(given)} {flag(name)} values for {n} control{'s' * (n != 1)}; give one, or one "
+                                   "per --control")
+    changed = [{name: given[k if len(given) > 1 else 0] for name, given in per_control.items()} for k in range(n)]
+    return [ControlSettings(**{**vars(control), **change}) for control, change in zip(stored, changed)]
+
+
+def _stored_parameters(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ControlNextError(f"--from {path}: file not found")
     try:
-        return path, float(weight)
-    except ValueError:
-        raise ControlNextError(f"--lora {text}: the weight after ':' must be a number") from None
+        return read_parameters(path)
+    except (KeyError, ValueError, OSError):
+        raise ControlNextError(f"--from {path}: no controlnext parameters in it; give a PNG made by controlnext") from None
 
 
-def resolve_control(name: str) -> str:
-    """A bundled control's name (e.g. 'canny') -> its folder; anything else is a path."""
-    from ..pipelines.base import BUNDLED_CONTROLS
+def check(args: argparse.Namespace) -> None:
+    args.request = request_from_args(args)
+    if any(c.annotator != "none" for c in args.request.controls):
+        from ..annotators import check_annotator
 
-    bundled = BUNDLED_CONTROLS / name
-    return str(bundled) if not Path(name).exists() and bundled.is_dir() else name
+        for control in args.request.controls:
+            check_annotator(control.annotator, control.annotator_options)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ControlNextError
-    from ..images import load_image, to_rgb
-
-    if len(args.image) != len(args.control):
-        raise ControlNextError(f"{len(args.control)} --control but {len(args.image)} --image; give one image per control")
-    if args.num_images < 1 or args.steps < 1:
-        raise ControlNextError("--num-images and --steps must be at least 1")
-    if args.task != "txt2img" and not args.init_image:
-        raise ControlNextError(f"--task {args.task} needs --init-image")
-    if args.task == "inpaint" and not args.mask:
-        raise ControlNextError("--task inpaint needs --mask")
-    annotators = args.annotator or []
-    if annotators and len(annotators) not in (1, len(args.control)):
-        raise ControlNextError("give one --annotator, or one per --control")
-    names = [annotators[i if len(annotators) > 1 else 0] if annotators else "none" for i in range(len(args.image))]
-    if any(name != "none" for name in names):
-        from ..annotators import annotate_at_size, get_annotator
-
-        for name in set(names) - {"none"}:
-            get_annotator(name)  # an unknown name fails now, before the models load
-    sources = []
-    for path in args.image:
-        image = load_image(path)
-        if "A" in image.getbands() or "transparency" in image.info:
-            print(f"note: {path} has transparency; transparent pixels count as black", file=sys.stderr)
-        sources.append(image)
-
-    import torch
-
-    from ..pipelines import ControlledPipeline
-    from ..pipelines.base import resolve_dtype
+    from ..generation import generate
     from . import quiet_loading_bars
 
     if not getattr(args, "debug", False):
         quiet_loading_bars()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = resolve_dtype(args.dtype or ("fp32" if device == "cpu" else "fp16"), device)
-    pipe = ControlledPipeline.from_pretrained(
-        args.base, [resolve_control(c) for c in args.control], task=args.task, device=device, dtype=dtype,
-        scheduler=args.scheduler, loras=[parse_lora(x) for x in args.lora], allow_pickle=args.allow_pickle,
-        allow_download=args.allow_download, base_config=args.base_config, cache_dir=args.cache_dir,
-        variant=args.variant,
-    )
-    pipe.pipe.set_progress_bar_config(disable=args.no_progress, desc="denoising")
-    kwargs = dict(
-        negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=[torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)],
-    )
-    if args.width:
-        kwargs["width"] = args.width
-    if args.height:
-        kwargs["height"] = args.height
-    if args.task != "txt2img":
-        kwargs.update(image=to_rgb(load_image(args.init_image)), strength=args.strength)
-        if args.task == "inpaint":
-            kwargs["mask_image"] = to_rgb(load_image(args.mask))
-    size = pipe.generation_size(kwargs)  # conditions are annotated at the size they are used at
-    conditions = [
-        to_rgb(image) if name == "none" else annotate_at_size(name, image, size) for name, image in zip(names, sources)
-    ]
-    result = pipe(
-        args.prompt, control_images=conditions, control_scales=args.scale,
-        control_starts=args.start if args.start is not None else 0.0,
-        control_ends=args.end if args.end is not None else 1.0, apply_to=args.apply_to, **kwargs,
-    )
-    for k, image in enumerate(result.images):
+
+    request = getattr(args, "request", None) or request_from_args(args)
+    bar = ProgressBar(enabled=not args.no_progress)
+    try:
+        result = generate(request, progress=bar, note=lambda text: print(f"note: {text}", file=sys.stderr))
+    finally:
+        bar.close()
+    for k, (image, parameters) in enumerate(zip(result.images, result.parameters)):
         out = output_path(args.output, k, len(result.images))
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_with_parameters(image, out, parameters(args, k, image.size))
+        save_with_parameters(image, out, parameters)
         print(out)
     return 0
+
+
+class ProgressBar:
+    """A denoising progress bar on stderr, fed by generation's step callback."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising")
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def output_path(output: str, index: int, count: int) -> Path:
@@ -151,28 +166,3 @@ def output_path(output: str, index: int, count: int) -> Path:
     if path.suffix.lower() != ".png":
         path = path.with_suffix(".png")
     return path if count == 1 else path.with_name(f"{path.stem}_{index}{path.suffix}")
-
-
-def parameters(args: argparse.Namespace, index: int, size: tuple[int, int]) -> dict:
-    """Everything needed to make this image again with `controlnext generate`."""
-    from .. import __version__
-
-    return {
-        "version": __version__, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
-        "base": args.base or "embedded", "task": args.task, "init_image": args.init_image, "mask": args.mask,
-        "strength": args.strength if args.task != "txt2img" else None,
-        "controls": [
-            {"control": c, "image": i, "annotator": (args.annotator or ["none"])[min(k, len(args.annotator or ["none"]) - 1)],
-             "scale": _nth(args.scale, k), "start": _nth(args.start, k, 0.0), "end": _nth(args.end, k, 1.0)}
-            for k, (c, i) in enumerate(zip(args.control, args.image))
-        ],
-        "apply_to": args.apply_to, "loras": args.lora, "steps": args.steps, "guidance": args.guidance,
-        "scheduler": args.scheduler, "seed": args.seed + index, "width": size[0], "height": size[1],
-        "dtype": args.dtype,
-    }
-
-
-def _nth(values, k, default=None):
-    if not values:
-        return default
-    return values[k] if len(values) > 1 else values[0]

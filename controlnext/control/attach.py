@@ -1,37 +1,81 @@
-"""Attaching control to an unmodified diffusers UNet with forward hooks.
+"""Attaching control to an unmodified diffusers denoiser with forward hooks.
 
-A hook before the UNet's forward computes every active control's output for this call; hooks at the
-injection point add it (ControlNeXt) or the documented residual arguments carry it (ControlNet).
-Nothing of the UNet is replaced, so every diffusers pipeline, scheduler, LoRA and offload works with
-control, and training and inference share this one code path. `detach()` removes every hook and
-restores any base weights the controls changed.
+A hook before the denoiser's forward computes every active control's output for this call; hooks at
+the injection sites add it (add-at-a-site methods such as ControlNeXt) or the denoiser's documented
+residual arguments carry it (residual methods such as ControlNet). Where the sites are, how a call is
+read and which residual arguments exist come from the denoiser table (`controlnext.denoisers`); what a
+method computes comes from its model (`ControlModel`), so nothing here knows a method or a family by
+name. Nothing of the denoiser is replaced, so every diffusers pipeline, scheduler, LoRA and offload
+works with control, and training and inference share this one code path. `detach()` removes every
+hook and restores any base weights the controls changed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
+from ..denoisers import (DenoiserCall, Site, arguments, as_map, describe, find_site, from_map, read_call,
+                         set_argument)
 from ..errors import ControlNextError
-from .loading import check_fits
 
 ApplyTo = Literal["both", "cond"]
+RESIDUALS = "residuals"  # the `injection` of methods that pass their outputs as residual arguments
 
 
 class ControlModel(Protocol):
-    """What a control method provides; ControlNeXtModel and ControlNet both implement it."""
+    """What a control method's model provides; the attachment calls it without knowing the method.
 
-    injection: str  # "conv_in" | "down_blocks.0" | "mid_block" | "residuals"
+    Add-at-a-site methods name a site of the denoiser table in `injection` and provide `inject`;
+    residual methods set `injection = "residuals"` and provide `residual_names` and `residual_arguments`.
+    """
+
+    injection: str  # a site of the denoiser table ("conv_in", "down_blocks.0", ...) or "residuals"
     shares_across_cfg: bool  # True when the output does not depend on the prompt (computed once for both halves)
 
-    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, unet_inputs: dict[str, Any]) -> Any:
-        """Condition (b, c, H, W) in [0, 1] and timestep(s) -> what `inject`/residuals need."""
+    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, inputs: dict[str, Any]) -> Any:
+        """Condition rows (n, c, H, W) in [0, 1], their timesteps and the call's arguments -> features."""
 
-    def scale_features(self, features: Any, scale: torch.Tensor) -> Any:
-        """Apply per-sample scales (b,) to features (residual methods) or keep them for `inject`."""
+    def base_mismatch(self, denoiser: nn.Module) -> str | None:
+        """Why this control does not fit `denoiser`, as a phrase following its name; None when it fits."""
+
+    def inject(self, x: torch.Tensor, features: Any, scale: torch.Tensor) -> torch.Tensor:
+        """Site features as a map (rows, c, h, w), the control's features, per-row scales (rows, 1, 1, 1) -> new map."""
+
+    residual_names: tuple[str, ...]  # the denoiser arguments `residual_arguments` fills
+
+    def residual_arguments(self, features: Any, scale: torch.Tensor) -> dict[str, Any]:
+        """Features and per-row scales (rows,) -> values of the denoiser's documented residual arguments."""
+
+
+PROTOCOL = ("injection", "shares_across_cfg", "control_features", "base_mismatch")
+
+
+def check_fits(model: nn.Module, denoiser, source: str) -> None:
+    """Raise a one-line error unless `model` is a control that fits `denoiser` (None: nothing to check)."""
+    missing = [name for name in PROTOCOL if not hasattr(model, name)]
+    needs = ("residual_names", "residual_arguments") if getattr(model, "injection", None) == RESIDUALS else ("inject",)
+    missing += [name for name in needs if not hasattr(model, name)]
+    if missing:
+        raise ControlNextError(f"{source}: a {type(model).__name__} is not a control model (it lacks "
+                               f"{', '.join(missing)}); load controls with load_control")
+    if denoiser is None:
+        return
+    entry = describe(denoiser)
+    if model.injection == RESIDUALS:
+        unknown = [name for name in model.residual_names if name not in entry.residuals]
+        if unknown:
+            raise ControlNextError(f"{source} passes {', '.join(unknown)} to the denoiser, which a "
+                                   f"{type(denoiser).__name__} does not take; use a base model of its family")
+    else:
+        find_site(denoiser, model.injection)
+    mismatch = model.base_mismatch(denoiser)
+    if mismatch:
+        raise ControlNextError(f"{source} {mismatch}; use the base model the control was trained for")
 
 
 @dataclass
@@ -39,7 +83,7 @@ class ControlUnit:
     """One control: a model, its condition image batch, and how strongly and when it acts."""
 
     model: nn.Module
-    condition: torch.Tensor | None = None  # (b, c, H, W) in [0, 1]
+    condition: torch.Tensor | None = None  # (b, c, H, W) in [0, 1]; rows of every frame for video denoisers
     scale: float = 1.0
     start: float = 0.0  # fraction of the schedule where the control switches on
     end: float = 1.0  # ... and off
@@ -57,20 +101,22 @@ class ControlUnit:
 @dataclass
 class _Pending:
     unit: ControlUnit
-    features: Any  # (N, c, h, w) for ControlNeXt
-    scale: torch.Tensor  # (N,) per-sample scale, zero where the control does not act
+    features: Any  # (rows, c, h, w) for ControlNeXt
+    scale: torch.Tensor  # (rows,) per-row scale, zero where the control does not act
 
 
 @dataclass
 class ControlAttachment:
-    """Hooks that add the units' control to `unet`; use as a context manager or call `detach()`."""
+    """Hooks that add the units' control to `denoiser`; use as a context manager or call `detach()`."""
 
-    unet: nn.Module
+    denoiser: nn.Module
     units: list[ControlUnit]
     scheduler: Any = None
     apply_to: ApplyTo = "both"
-    cfg: bool | None = None  # None: infer (the UNet batch is twice the condition batch under CFG)
+    cfg: bool | None = None  # None: infer (the denoiser batch is twice the condition batch under CFG)
     _handles: list = field(default_factory=list)
+    _sites: dict[str, Site] = field(default_factory=dict)
+    _call: DenoiserCall | None = None
     _pending: dict[str, list[_Pending]] = field(default_factory=dict)
     _base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     _weights_state: frozenset = frozenset()
@@ -79,27 +125,26 @@ class ControlAttachment:
     def __post_init__(self):
         if self.apply_to not in ("both", "cond"):
             raise ControlNextError(f"apply_to must be 'both' or 'cond', not {self.apply_to!r}")
-        params = dict(self.unet.named_parameters())
+        self._entry = describe(self.denoiser)
+        params = dict(self.denoiser.named_parameters())
         for unit in self.units:
-            check_fits(unit.model, self.unet, f"control {unit.name or type(unit.model).__name__!r}")
+            check_fits(unit.model, self.denoiser, f"control {unit.name or type(unit.model).__name__!r}")
             for name, value in (unit.unet_weights or {}).items():
                 if name not in params or params[name].shape != value.shape:
                     raise ControlNextError(
-                        f"control {unit.name!r} changes UNet weight {name!r}, which this base model does not have "
+                        f"control {unit.name!r} changes base weight {name!r}, which this base model does not have "
                         "with that shape; use the base model the control was trained for"
                     )
                 self._base_weights.setdefault(name, params[name].data)
-        self._handles.append(self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
-        points = {unit.model.injection for unit in self.units}
-        if "conv_in" in points:
-            hook = self._inject_before_first_block
-            self._handles.append(self.unet.down_blocks[0].register_forward_pre_hook(hook, with_kwargs=True))
-        if "down_blocks.0" in points:
-            self._handles.append(self.unet.down_blocks[0].register_forward_hook(self._inject_after_first_block))
-        if "mid_block" in points:
-            if self.unet.mid_block is None:
-                raise ControlNextError("this control injects after the mid block, but the base UNet has none")
-            self._handles.append(self.unet.mid_block.register_forward_hook(self._inject_after_mid_block))
+        self._handles.append(self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True))
+        for name in dict.fromkeys(unit.model.injection for unit in self.units if unit.model.injection != RESIDUALS):
+            site, module = find_site(self.denoiser, name)
+            self._sites[name] = site
+            if site.when == "before":
+                handle = module.register_forward_pre_hook(partial(self._before_site, name), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(partial(self._after_site, name))
+            self._handles.append(handle)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -109,16 +154,17 @@ class ControlAttachment:
             handle.remove()
         self._handles.clear()
         self._pending.clear()
+        self._call = None
         self._use_weights_of([])
         for unit in self.units:
             getattr(unit.model, "clear_cache", lambda: None)()  # features kept for the generation's condition
 
     def _use_weights_of(self, units: list[ControlUnit]) -> None:
-        """Give the UNet its base weights plus the trained changes of `units` (free when unchanged)."""
+        """Give the denoiser its base weights plus the trained changes of `units` (free when unchanged)."""
         key = frozenset(id(unit) for unit in units if unit.unet_weights)
         if key == self._weights_state:
             return
-        params = dict(self.unet.named_parameters())
+        params = dict(self.denoiser.named_parameters())
         if key not in self._weights_cache:
             combined = {}
             for unit in units:
@@ -148,127 +194,154 @@ class ControlAttachment:
         index = int(torch.argmin((timesteps - t).abs()))
         return index / len(timesteps), (index + 1) / len(timesteps)
 
-    def _layout(self, batch: int, condition_batch: int) -> tuple[bool, int]:
-        """(is CFG, rows per half) for a UNet batch given the condition batch."""
+    def _layout(self, call: DenoiserCall, condition_rows: int) -> tuple[bool, int]:
+        """(is CFG, items per half) for a denoiser call given the condition's rows."""
         cfg = self.cfg
         if cfg is None:
-            if batch == 2 * condition_batch:
+            if call.rows == 2 * condition_rows:
                 cfg = True
-            elif batch == condition_batch:
+            elif call.rows == condition_rows:
                 cfg = False
             else:
                 raise ControlNextError(
-                    f"condition batch {condition_batch} does not match the UNet batch {batch}; "
+                    f"condition batch {condition_rows} does not match the denoiser batch {call.rows}; "
                     "give one condition per image (or one for all)"
                 )
-        half = batch // 2 if cfg else batch
-        if half % condition_batch:
+        half = call.items // 2 if cfg else call.items
+        if (half * call.rows_per_item) % condition_rows:
             raise ControlNextError(
-                f"condition batch {condition_batch} does not divide the image batch {half}; "
+                f"condition batch {condition_rows} does not divide the image batch {half * call.rows_per_item}; "
                 "give one condition per image or one for all"
             )
         return cfg, half
 
-    def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        names = ("sample", "timestep", "encoder_hidden_states")
-        inputs = dict(kwargs)
-        for name, value in zip(names, args):
-            inputs[name] = value
-        sample = inputs["sample"]
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(inputs["timestep"], device=sample.device).reshape(-1)
+    def _before_denoiser(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call = read_call(self._entry, module, args, kwargs)
+        timestep = call.timestep
         # one timestep for the batch is known without reading the values (no device sync; meta tensors work)
         same_t = timestep.numel() == 1 or bool((timestep == timestep[0]).all())
-        timestep = timestep.expand(batch) if timestep.numel() == 1 else timestep
+        timestep = timestep.expand(call.items) if timestep.numel() == 1 else timestep  # (items,)
         fraction, next_fraction = self._schedule_position(timestep)
 
-        self._pending = {}
+        self._call, self._pending = call, {}
         residuals = []
         active = [unit for unit in self.units if unit.active_at(fraction, next_fraction)]
         self._use_weights_of(active)
         for unit in active:
             if unit.condition is None:
                 raise ControlNextError(f"control {unit.name or unit.model.injection!r} has no condition image")
-            cfg, half = self._layout(batch, unit.condition.shape[0])
-            features, rows = self._run_unit(unit, timestep, same_t, inputs, cfg, half)
-            scale = torch.full((batch,), float(unit.scale), device=sample.device, dtype=sample.dtype)
+            cfg, half = self._layout(call, unit.condition.shape[0])
+            features, rows = self._run_unit(unit, call, timestep, same_t, cfg, half)
+            scale = torch.full((call.items,), float(unit.scale), device=call.sample.device, dtype=call.sample.dtype)
             if cfg and self.apply_to == "cond":
                 scale[:half] = 0
-            if unit.model.injection == "residuals":
-                residuals.append(_pad_rows(unit.model.scale_features(features, scale[rows]), rows, batch))
+            scale = _per_item_rows(scale, call.rows_per_item)  # (rows,)
+            if unit.model.injection == RESIDUALS:
+                values = unit.model.residual_arguments(features, scale[rows])
+                residuals.append({name: _pad_rows(value, rows, call.rows) for name, value in values.items()})
             else:
                 self._pending.setdefault(unit.model.injection, []).append(_Pending(unit, features, scale))
 
         if residuals:
-            kwargs = _add_residuals(kwargs, residuals, len(args))
+            args, kwargs = _add_residuals(module, args, kwargs, call.inputs, residuals)
         return args, kwargs
 
-    def _run_unit(self, unit, timestep, same_t, inputs, cfg, half):
-        """Run a control model on the fewest rows that give its output for the whole UNet batch."""
+    def _run_unit(self, unit, call: DenoiserCall, timestep, same_t, cfg, half):
+        """Run a control model on the fewest rows that give its output for every row of the call."""
         model = unit.model
-        batch = timestep.shape[0]
-        condition = unit.condition.to(device=model.device, dtype=model.dtype)  # (bc, c, H, W)
-        per_half = half // condition.shape[0]
+        per_item, total = call.rows_per_item, call.rows
+        condition = unit.condition.to(device=model.device, dtype=model.dtype)  # (n, c, H, W)
+        half_rows = half * per_item
+        row_timesteps = _per_item_rows(timestep, per_item)  # (rows,)
         if model.shares_across_cfg:
             if same_t:
-                features = model.control_features(condition, timestep[:1], inputs)  # (bc, ...)
-                features = _repeat_rows(features, per_half)  # (half, ...)
+                features = model.control_features(condition, timestep[:1], call.inputs)  # (n, ...)
+                features = _spread(features, condition.shape[0], half_rows, per_item)  # (half_rows, ...)
             else:
-                rows = slice(half, batch) if cfg else slice(0, batch)
-                features = model.control_features(_repeat_rows(condition, per_half), timestep[rows], inputs)
+                rows = slice(half_rows, total) if cfg else slice(0, total)
+                spread = _spread(condition, condition.shape[0], half_rows, per_item)
+                features = model.control_features(spread, row_timesteps[rows], call.inputs)
             if cfg:
-                features = _cat_rows(features, features)  # (batch, ...) both halves see the same condition
-            return features, slice(0, batch)
+                features = _cat_rows(features, features)  # (rows, ...) both halves see the same condition
+            return features, slice(0, total)
         # Prompt-dependent controls (ControlNet) run on the rows they act on, with those rows' inputs.
-        rows = slice(half, batch) if cfg and self.apply_to == "cond" else slice(0, batch)
-        full = _repeat_rows(condition, per_half)
+        items = slice(half, call.items) if cfg and self.apply_to == "cond" else slice(0, call.items)
+        rows = slice(items.start * per_item, items.stop * per_item)
+        full = _spread(condition, condition.shape[0], half_rows, per_item)
         full = _cat_rows(full, full) if cfg else full
-        sub_inputs = {k: _slice_rows(v, rows, batch) for k, v in inputs.items()}
-        return model.control_features(full[rows], timestep[rows], sub_inputs), rows
+        sub_inputs = {k: _slice_rows(v, items, call.items) for k, v in call.inputs.items()}
+        return model.control_features(full[rows], row_timesteps[rows], sub_inputs), rows
 
-    # -- injection points ----------------------------------------------------------------------
+    # -- injection sites -----------------------------------------------------------------------
 
-    def _inject(self, point: str, x: torch.Tensor) -> torch.Tensor:
-        for pending in self._pending.get(point, ()):
-            scale = pending.scale.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (N, 1, 1, 1)
-            x = pending.unit.model.inject(x, pending.features, scale)
-        return x
+    def _inject(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending.get(name)
+        if not pending:
+            return x
+        layout = self._sites[name].layout
+        h = as_map(x, layout, self._call.grid)  # (rows, c, h, w)
+        for item in pending:
+            scale = item.scale.to(h.dtype).view(-1, *([1] * (h.ndim - 1)))  # (rows, 1, 1, 1)
+            h = item.unit.model.inject(h, item.features, scale)
+        return from_map(h, layout)
 
-    def _inject_before_first_block(self, module, args, kwargs):
-        # The first skip connection (conv_in's output) is stored before this call, so it stays uncontrolled.
-        if args:
-            return (self._inject("conv_in", args[0]), *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = self._inject("conv_in", kwargs["hidden_states"])
-        return args, kwargs
+    def _before_site(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        argument = self._sites[name].tensor
+        x = arguments(module, args, kwargs)[argument]
+        return set_argument(module, args, kwargs, argument, self._inject(name, x))
 
-    def _inject_after_first_block(self, module, args, output):
-        sample, skips = output  # skips are kept as they were: the addition follows the block's outputs
-        return self._inject("down_blocks.0", sample), skips
-
-    def _inject_after_mid_block(self, module, args, output):
-        return self._inject("mid_block", output)
+    def _after_site(self, name: str, module: nn.Module, args: tuple, output):
+        index = self._sites[name].tensor
+        if index is None:
+            return self._inject(name, output)
+        # only this tensor changes: e.g. a UNet block's skips stay as the block stored them
+        return (*output[:index], self._inject(name, output[index]), *output[index + 1:])
 
 
 def attach_control(
-    unet: nn.Module,
+    denoiser: nn.Module,
     units: list[ControlUnit] | ControlUnit,
     *,
     scheduler: Any = None,
     apply_to: ApplyTo = "both",
     cfg: bool | None = None,
 ) -> ControlAttachment:
-    """Attach control units to an unmodified UNet; returns the attachment (call `.detach()` to undo)."""
+    """Attach control units to an unmodified denoiser; returns the attachment (call `.detach()` to undo)."""
     units = [units] if isinstance(units, ControlUnit) else list(units)
-    return ControlAttachment(unet, units, scheduler=scheduler, apply_to=apply_to, cfg=cfg)
+    return ControlAttachment(denoiser, units, scheduler=scheduler, apply_to=apply_to, cfg=cfg)
+
+
+def _map_rows(x: Any, function) -> Any:
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_rows(v, function) for v in x)
+    return function(x)
 
 
 def _repeat_rows(x: Any, repeats: int) -> Any:
     if repeats == 1:
         return x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_repeat_rows(v, repeats) for v in x)
-    return x.repeat_interleave(repeats, dim=0)
+    return _map_rows(x, lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+def _per_item_rows(x: torch.Tensor, per_item: int) -> torch.Tensor:
+    """Values per item (items, ...) -> per row (items * per_item, ...), rows of an item consecutive."""
+    return x if per_item == 1 else x.repeat_interleave(per_item, dim=0)
+
+
+def _spread(x: Any, n: int, rows: int, per_item: int) -> Any:
+    """n condition rows (or their features) -> `rows` rows: one per item, or one for all.
+
+    With several rows per item (video frames) a multiple of that many rows is whole clips, one per item;
+    otherwise each condition row serves consecutive rows.
+    """
+    if per_item == 1 or n % per_item:
+        return _repeat_rows(x, rows // n)
+    clips, items = n // per_item, rows // per_item
+    if items % clips:
+        raise ControlNextError(f"{clips} condition clips do not divide the {items} videos; give one clip per video "
+                               "or one for all")
+    return _map_rows(x, lambda t: t.reshape(clips, per_item, *t.shape[1:]).repeat_interleave(items // clips, dim=0)
+                     .flatten(0, 1))
 
 
 def _cat_rows(a: Any, b: Any) -> Any:
@@ -296,15 +369,20 @@ def _pad_rows(x: Any, rows: slice, batch: int) -> Any:
     return full
 
 
-def _add_residuals(kwargs: dict, residuals: list, n_args: int) -> dict:
-    """Sum (down residuals, mid residual) pairs into the UNet's documented ControlNet arguments."""
-    down = [sum(parts) for parts in zip(*(r[0] for r in residuals))]
-    mid = sum(r[1] for r in residuals)
-    kwargs = dict(kwargs)
-    if kwargs.get("down_block_additional_residuals") is not None:
-        down = [d + e for d, e in zip(down, kwargs["down_block_additional_residuals"])]
-    if kwargs.get("mid_block_additional_residual") is not None:
-        mid = mid + kwargs["mid_block_additional_residual"]
-    kwargs["down_block_additional_residuals"] = tuple(down)
-    kwargs["mid_block_additional_residual"] = mid
-    return kwargs
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, (tuple, list)):
+        return type(a)(_add(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def _add_residuals(module, args: tuple, kwargs: dict, given: dict, residuals: list[dict]) -> tuple[tuple, dict]:
+    """Sum the residual methods' arguments, add any the caller passed, and put them in the call."""
+    for name in dict.fromkeys(name for values in residuals for name in values):
+        parts = [values[name] for values in residuals if name in values]
+        total = parts[0]
+        for part in parts[1:]:
+            total = _add(total, part)
+        if given.get(name) is not None:
+            total = _add(total, given[name])
+        args, kwargs = set_argument(module, args, kwargs, name, total)
+    return args, kwargs

@@ -1,29 +1,33 @@
 """Saving and loading controls: our format, the official ControlNeXt release layouts, and ControlNets.
 
 Our format is a folder: the module's `config.json` + `diffusion_pytorch_model.safetensors` (diffusers
-save_pretrained), `control.json` (method, how the base tensors are stored, recommended scale) and, when
-base weights were trained, `unet.safetensors` with only those tensors. The official layout is a module
-file (`controlnet.safetensors` or `.bin`) beside a UNet file of trained tensors, absolute or as
-increments (`unet_weight_increasements.*`), possibly in LDM key names. A ControlNet is a diffusers
-ControlNet folder (ours adds `control.json`) or an original single-file checkpoint.
+save_pretrained), `control.json` (method, variant, how the base tensors are stored, recommended scale)
+and, when base weights were trained, `unet.safetensors` with only those tensors. The official layout is a
+module file (`controlnet.safetensors` or `.bin`) beside a UNet file of trained tensors, absolute or as
+increments whatever its name says, possibly in LDM key names; which of the two is read from the tensors
+against the base they attach to. A ControlNet is a diffusers ControlNet folder (ours adds
+`control.json`) or an original single-file checkpoint.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..denoisers import family
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNet, ControlNeXtModel
+from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
+from .attach import check_fits
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 MODULE_FILES = ("controlnet.safetensors", "controlnext.safetensors", "controlnet.bin", "controlnext.bin")
@@ -31,6 +35,13 @@ UNET_FILES = (
     "unet.safetensors", "unet_weight_increasements.safetensors", "unet_weight_increments.safetensors",
     "unet.bin", "unet_weight_increasements.bin", "unet_weight_increments.bin",
 )
+
+# Recommended scale of the official releases, by layout and the condition their name gives (None: any).
+RELEASE_SCALES: dict[tuple[str, str | None], float] = {
+    ("sdxl", "canny"): 0.35,
+    ("sdxl", "depth"): 1.0,
+    ("sd15", None): 0.35,  # the SD1.5 training recipe
+}
 
 
 @dataclass
@@ -72,6 +83,17 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
         raise ControlNextError(f"cannot read {path} as safetensors ({error}); is it corrupt or truncated?") from None
 
 
+def tensor_names(path: Path) -> list[str] | None:
+    """The tensor names of a .safetensors file, read from its header; None for other files."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return list(weights.keys())
+    except (SafetensorError, OSError) as error:
+        raise ControlNextError(f"cannot read {path} as safetensors ({error}); is it corrupt or truncated?") from None
+
+
 # -- LDM (original Stable Diffusion) key names -------------------------------------------------------
 
 def ldm_to_diffusers_unet_keys(tensors: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
@@ -105,36 +127,25 @@ def ldm_to_diffusers_unet_keys(tensors: dict[str, torch.Tensor], unet_config) ->
 
 # -- ControlNeXt -------------------------------------------------------------------------------------
 
-def detect_variant(module_tensors: dict[str, torch.Tensor], unet) -> str:
-    """Name the official configuration a module file follows, from its keys and the base model."""
+def detect_variant(module_tensors: dict[str, torch.Tensor], unet, unet_keys=()) -> str:
+    """Name the official configuration a module file follows, from its keys, the UNet file's keys and the base.
+
+    The v2 layouts share their keys; the base tells SDXL (text-time embedding) and SVD (a spatio-temporal
+    UNet, or temporal layers among the UNet file's keys) from SD1.5.
+    """
     if "embedding.0.weight" not in module_tensors:
         return "sd15-v1"
-    is_sdxl = unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
-    return "sdxl" if is_sdxl else "sd15"
+    kind = family(unet) if unet is not None else None
+    if kind == "svd" or any("temporal" in k for k in unet_keys):
+        return "svd"
+    return "sdxl" if kind == "sdxl" else "sd15"
 
 
-def injection_width(unet, injection: str) -> int:
-    """Channels of the UNet's features at an injection point."""
-    channels = unet.config.block_out_channels
-    return channels[-1] if injection == "mid_block" else channels[0]
-
-
-def check_fits(model: nn.Module, unet, source: str) -> None:
-    """Raise a one-line error when a control was made for a base of another shape."""
-    if unet is None:
-        return
-    if isinstance(model, ControlNet):
-        mismatch = model.base_mismatch(unet)
-        if mismatch:
-            raise ControlNextError(f"{source} is a ControlNet made for another base model ({mismatch}); "
-                                   "use the base model it was trained for")
-    elif isinstance(model, ControlNeXtModel):
-        want, have = model.config.out_channels, injection_width(unet, model.injection)
-        if want != have:
-            raise ControlNextError(
-                f"{source} was made for a base model with {want} channels at {model.injection}, but this base "
-                f"has {have}; use the base model the control was trained for"
-            )
+def release_scale(variant: str, *names: str) -> tuple[float, str | None]:
+    """The recommended scale of an official release and the condition its file or folder name gives, if any."""
+    condition = next((c for name in names for c in ("canny", "depth") if c in name.lower()), None)
+    scale = RELEASE_SCALES.get((variant, condition), RELEASE_SCALES.get((variant, None), 1.0))
+    return scale, condition
 
 
 def check_unet_weights(unet, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -152,12 +163,58 @@ def check_unet_weights(unet, weights: dict[str, torch.Tensor], source: str) -> N
 
 
 def absolute_weights(unet, weights: dict[str, torch.Tensor], increments: bool) -> dict[str, torch.Tensor]:
+    """The trained tensors as weights: increments are added in the base's precision (cast to the run's after)."""
     if not increments:
         return weights
     if unet is None:
         raise ControlNextError("weight increments need the base UNet to add them to")
     params = dict(unet.named_parameters())
-    return {name: params[name].detach().to(delta.dtype) + delta.to(params[name].device) for name, delta in weights.items()}
+    return {name: params[name].detach() + delta.to(params[name].device, params[name].dtype) for name, delta in weights.items()}
+
+
+def base_share(unet, weights: dict[str, torch.Tensor]) -> float:
+    """How much of the base weights a UNet file holds: sum <F, B> / sum |B|^2 over its tensors F and the base's B.
+
+    Absolute weights are the base plus a change, increments the change alone; a change not aligned with the
+    base gives about 1 for the first and about 0 for the second, whatever its size. Above 1/2 exactly when
+    the file is closer to the base than to zero (|F - B| < |F|).
+    """
+    params = dict(unet.named_parameters())
+    overlap = energy = 0.0
+    for name, value in weights.items():
+        base = params[name].detach().float()
+        overlap += float((value.to(base.device, torch.float32) * base).sum())
+        energy += float(base.square().sum())
+    return overlap / energy if energy else 1.0  # a zero base reads the same either way
+
+
+def unet_weights_kind(unet, weights: dict[str, torch.Tensor], source: str) -> str:
+    """Whether a UNet file holds "absolute" weights or "increments", from its base_share; one line if unclear."""
+    share = base_share(unet, weights)
+    if share >= 0.75:
+        return "absolute"
+    if share <= 0.25:
+        return "increments"
+    raise ControlNextError(
+        f"{source} is neither close to this base's weights nor small next to them (it holds {share:.2f} of them; "
+        "absolute weights hold about 1, increments about 0): pass --unet-weights absolute or increments"
+    )
+
+
+def _resolve_unet_weights(unet, weights: dict[str, torch.Tensor], mode: str, source: str,
+                          recorded: str | None = None) -> dict[str, torch.Tensor]:
+    """A UNet file's tensors as absolute weights; `mode` "auto" reads the kind from the tensors against the base.
+
+    Without a base, "auto" takes the kind a control.json records (`recorded`), if any.
+    """
+    if mode == "auto" and unet is not None:
+        mode = unet_weights_kind(unet, weights, source)
+    elif mode == "auto":
+        if recorded not in ("absolute", "increments"):
+            raise ControlNextError(f"{source}: telling absolute weights from increments needs the base model; "
+                                   "load it with the base, or pass --unet-weights absolute or increments")
+        mode = recorded
+    return absolute_weights(unet, weights, mode == "increments")
 
 
 def _find(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -170,29 +227,38 @@ def load_controlnext(
     *,
     variant: str | None = None,
     unet_file: str | Path | None = None,
-    increments: bool | None = None,
+    unet_weights: str = "auto",
     allow_pickle: bool = False,
 ) -> LoadedControl:
-    """Load a ControlNeXt control from our folder format, an official release folder, or a module file."""
+    """Load a ControlNeXt control from our folder format, an official release folder, or a module file.
+
+    `unet_weights` says how the UNet file's tensors are stored: "absolute", "increments", or "auto" to read
+    it from the tensors against `unet`'s weights. An official release gets its recommended scale where its
+    layout and name tell it; a control.json beside the release files may state "scale" and "unet_weights".
+    """
     path = Path(path)
     if not path.exists():
         raise ControlNextError(f"control weights not found: {path}")
-    metadata: dict = {}
-    if path.is_dir() and (path / "config.json").is_file():
-        metadata = json.loads((path / "control.json").read_text()) if (path / "control.json").is_file() else {}
+    if unet_weights not in UNET_WEIGHTS:
+        raise ControlNextError(f"unknown --unet-weights {unet_weights!r}; use one of {', '.join(UNET_WEIGHTS)}")
+    recorded = _read_control_json(path) if path.is_dir() else {}
+    ours = path.is_dir() and (path / "config.json").is_file()
+    if unet_file is None and path.is_dir():
+        unet_file = _find(path, ("unet.safetensors",) if ours else UNET_FILES)
+    unet_file = Path(unet_file) if unet_file is not None else None
+    weights = read_tensors(unet_file, allow_pickle) if unet_file is not None else {}
+    if ours:
+        metadata = recorded
         try:
             model = ControlNeXtModel.from_pretrained(path)
         except (OSError, ValueError, RuntimeError) as error:
             raise ControlNextError(f"cannot load the ControlNeXt module in {path}: {str(error).splitlines()[0]}") from None
-        if unet_file is None and (path / "unet.safetensors").is_file():
-            unet_file = path / "unet.safetensors"
-            increments = metadata.get("unet_weights") == "increments" if increments is None else increments
     else:
         module_file = path if path.is_file() else _find(path, MODULE_FILES)
         if module_file is None:
             raise ControlNextError(f"no ControlNeXt module in {path}; expected config.json or one of {', '.join(MODULE_FILES)}")
         tensors = read_tensors(module_file, allow_pickle)
-        variant = variant or detect_variant(tensors, unet)
+        variant = variant or recorded.get("variant") or detect_variant(tensors, unet, weights)
         if variant not in VARIANTS:
             raise ControlNextError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         model = ControlNeXtModel.from_variant(variant)
@@ -205,22 +271,29 @@ def load_controlnext(
                 f"{module_file.name} does not match the {variant} layout (missing {len(missing)}, unexpected "
                 f"{len(unexpected)} keys, e.g. {(missing or unexpected)[0]}); pass the right --variant"
             )
-        if unet_file is None and path.is_dir():
-            unet_file = _find(path, UNET_FILES)
-        metadata = {"variant": variant}
+        scale, condition = release_scale(variant, module_file.stem, module_file.parent.name)
+        metadata = {"scale": scale, **({"condition": condition} if condition else {}), **recorded, "variant": variant}
     check_fits(model, unet, str(path))
 
-    unet_weights = None
+    trained = None
     if unet_file is not None:
-        unet_file = Path(unet_file)
-        weights = read_tensors(unet_file, allow_pickle)
         if unet is not None and any(re.match(r"(model\.diffusion_model\.)?(input|middle|output)_block", k) for k in weights):
             weights = ldm_to_diffusers_unet_keys(weights, unet.config)
-        if increments is None:
-            increments = bool(re.search(r"increa?s?ement|increment|delta", unet_file.name))
         check_unet_weights(unet, weights, str(unet_file))
-        unet_weights = absolute_weights(unet, weights, increments)
-    return LoadedControl(model.eval(), "controlnext", unet_weights, float(metadata.get("scale", 1.0)), str(path), metadata)
+        stated = metadata.get("unet_weights") if path.is_dir() and unet_file.parent == path else None
+        trained = _resolve_unet_weights(unet, weights, unet_weights, str(unet_file), stated)
+    return LoadedControl(model.eval(), "controlnext", trained, float(metadata.get("scale", 1.0)), str(path), metadata)
+
+
+def _read_control_json(folder: Path) -> dict:
+    """The control.json of a control folder, else {}."""
+    file = folder / "control.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ControlNextError(f"{file} is not valid JSON ({error.msg} at line {error.lineno})") from None
 
 
 def save_controlnext(
@@ -253,7 +326,8 @@ def save_controlnext(
     model.save_pretrained(path, safe_serialization=True)
     if weights:
         save_file(weights, str(path / "unet.safetensors"))
-    info = {"method": "controlnext", "unet_weights": "increments" if increments else "absolute", **(metadata or {})}
+    variant = {"variant": model.official_variant} if model.official_variant else {}
+    info = {"method": "controlnext", **variant, "unet_weights": "increments" if increments else "absolute", **(metadata or {})}
     (path / "control.json").write_text(json.dumps(info, indent=2))
     return path
 
@@ -272,11 +346,13 @@ def load_controlnet(
     *,
     config: str | Path | None = None,
     allow_pickle: bool = False,
+    unet_weights: str = "auto",
 ) -> LoadedControl:
     """Load a ControlNet from our folder, a diffusers ControlNet folder, or an original single file.
 
     A single file needs its architecture: `config` (a diffusers ControlNet folder, or a base model's
     UNet folder), else the base `unet`'s config, else whatever diffusers finds offline in the HF cache.
+    `unet_weights` is accepted for the common interface; a ControlNet changes no base weights.
     """
     path = Path(path)
     if not path.exists():
@@ -332,33 +408,26 @@ def save_controlnet(path: str | Path, model: ControlNet, *, metadata: dict | Non
     return path
 
 
-def guess_method(path: Path) -> str:
-    """The method of a control without control.json: a diffusers ControlNet folder or file, else ControlNeXt."""
-    if path.is_dir():
-        return "controlnet" if is_diffusers_controlnet(path) else "controlnext"
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as weights:
-                keys = list(weights.keys())
-        except (SafetensorError, OSError):
-            return "controlnext"  # let the loader report the bad file
-        if any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in keys):
-            return "controlnet"
-    return "controlnext"
-
-
-# -- methods registry ----------------------------------------------------------------------------------
-
-# A control method is one loader here; `load_control` reads `control.json` to pick it.
-LOADERS: dict[str, Callable[..., LoadedControl]] = {"controlnext": load_controlnext, "controlnet": load_controlnet}
-
-
 def load_control(path: str | Path, unet=None, *, method: str | None = None, **options) -> LoadedControl:
-    """Load a control of any method: the argument, else `control.json`, else guessed from the files."""
+    """Load a control of any registered method: the argument, else `control.json`, else recognised from the files.
+
+    Options the method's loader does not take are dropped when left at None or False, else an error.
+    """
+    from ..methods import METHODS, control_method, get_method
+
     path = Path(path)
-    if method is None and path.is_dir() and (path / "control.json").is_file():
-        method = json.loads((path / "control.json").read_text()).get("method")
-    method = method or guess_method(path)
-    if method not in LOADERS:
-        raise ControlNextError(f"unknown control method {method!r}; known: {', '.join(LOADERS)}")
-    return LOADERS[method](path, unet, **options)
+    if not path.exists():
+        raise ControlNextError(f"control weights not found: {path}")
+    method = method or control_method(path)
+    if method is None:
+        raise ControlNextError(f"no control in {path}: none of the methods ({', '.join(METHODS)}) recognises its "
+                               "files; expected our folder (control.json), an official ControlNeXt release or a "
+                               "diffusers ControlNet")
+    loader = get_method(method).load
+    parameters = inspect.signature(loader).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    given = {name: value for name, value in options.items() if takes_any or name in parameters}
+    unused = [name for name, value in options.items() if name not in given and value not in (None, False)]
+    if unused:
+        raise ControlNextError(f"{', '.join(unused)} does not apply to a {method} control ({path})")
+    return loader(path, unet, **given)

@@ -1,6 +1,6 @@
 """Control models: one file per method."""
 
 from .controlnet import ControlNet
-from .controlnext import INJECTION_POINTS, VARIANTS, ControlNeXtModel, cross_normalize
+from .controlnext import VARIANTS, ControlNeXtModel, cross_normalize
 
-__all__ = ["ControlNeXtModel", "ControlNet", "cross_normalize", "VARIANTS", "INJECTION_POINTS"]
+__all__ = ["ControlNeXtModel", "ControlNet", "cross_normalize", "VARIANTS"]

@@ -23,17 +23,18 @@ class ControlNet(ControlNetModel):
     """Condition (b, 3, H, W) in [0, 1] + the UNet's inputs -> residuals for its skips and mid block (Eq. 2)."""
 
     injection = "residuals"
+    residual_names = ("down_block_additional_residuals", "mid_block_additional_residual")
     shares_across_cfg = False  # reads the prompt, so each CFG half needs its own pass
 
     def control_features(
-        self, condition: torch.Tensor, timestep: torch.Tensor, unet_inputs: dict[str, Any]
+        self, condition: torch.Tensor, timestep: torch.Tensor, inputs: dict[str, Any]
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Run the copy on the rows of `unet_inputs` (already sliced to `condition`'s rows)."""
-        extra = {k: unet_inputs[k] for k in ("added_cond_kwargs", "class_labels") if unet_inputs.get(k) is not None}
+        """Run the copy on the rows of the UNet's `inputs` (already sliced to `condition`'s rows)."""
+        extra = {k: inputs[k] for k in ("added_cond_kwargs", "class_labels") if inputs.get(k) is not None}
         down, mid = self(
-            sample=unet_inputs["sample"],  # (n, 4, h, w)
+            sample=inputs["sample"],  # (n, 4, h, w)
             timestep=timestep,
-            encoder_hidden_states=unet_inputs["encoder_hidden_states"],  # (n, tokens, d)
+            encoder_hidden_states=inputs["encoder_hidden_states"],  # (n, tokens, d)
             controlnet_cond=condition,  # (n, 3, 8h, 8w) in [0, 1], as diffusers' pipelines feed it
             conditioning_scale=1.0,
             return_dict=False,
@@ -47,6 +48,10 @@ class ControlNet(ControlNetModel):
         rows = scale.view(-1, 1, 1, 1)  # (n, 1, 1, 1)
         return tuple(d * rows.to(d.dtype) for d in down), mid * rows.to(mid.dtype)
 
+    def residual_arguments(self, features, scale: torch.Tensor) -> dict[str, Any]:
+        """The scaled residuals under the UNet's documented argument names."""
+        return dict(zip(self.residual_names, self.scale_features(features, scale)))
+
     def base_mismatch(self, unet) -> str | None:
         """Name the first config field where `unet` differs from the base this ControlNet was made for."""
         blocks = len(self.config.block_out_channels)
@@ -55,7 +60,7 @@ class ControlNet(ControlNetModel):
             if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
                 mine, theirs = _per_block(mine, blocks), _per_block(theirs, blocks)
             if mine != theirs:
-                return f"{name} {mine} (this base has {theirs})"
+                return f"is a ControlNet made for another base model ({name} {mine}, this base has {theirs})"
         return None
 
     def to_json_string(self) -> str:

@@ -3,11 +3,12 @@
 The module turns a condition image into one feature map that is added to the denoising network at a
 single point, after Cross Normalization has aligned it to the network's own features. The official
 release layouts ("v1", "v2", "svd") are named configurations of this one class, so their weights load
-key for key; any other size is plain configuration.
+key for key and run as in the code they were released with; any other size is plain configuration.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Literal
 
@@ -19,9 +20,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
-CrossNormMode = Literal["official", "paper"]
+from ..denoisers import site_names, site_width
 
-INJECTION_POINTS = ("conv_in", "down_blocks.0", "mid_block")
+CrossNormMode = Literal["official", "paper"]
 
 _V2_LAYOUT = dict(stem_channels=(64, 64, 128), stem_groups=2, block_out_channels=(128, 256), block_groups=(4, 8),
                   mid_residual=True, out_channels=320, learnable_scale=False)
@@ -37,8 +38,13 @@ VARIANTS: dict[str, dict] = {
     "sd15": dict(_V2_LAYOUT, injection="down_blocks.0", pool_before_norm=True),
     # SD1.5 v1 release: no stem, 1280 channels added after the mid block, a learnable scale.
     "sd15-v1": dict(_V1_LAYOUT, injection="mid_block", pool_before_norm=True),
-    # SVD-v2: v2 layout after down_blocks[0] at a fixed 0.2, eps 1e-5; normalise, then pool.
-    "svd": dict(_V2_LAYOUT, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2, cross_norm_eps=1e-5),
+    # SVD-v2 release (the inference code that runs the released weights): v2 layout whose 2nd and 3rd stem
+    # convolutions have no padding, after down_blocks[0] at a fixed 0.2, eps 1e-5; normalise, then pool.
+    "svd": dict(_V2_LAYOUT, padded_stem=False, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2,
+                cross_norm_eps=1e-5),
+    # SVD-v2 training code: the same with a padded stem (same keys and shapes, other feature maps).
+    "svd-training": dict(_V2_LAYOUT, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2,
+                         cross_norm_eps=1e-5),
 }
 
 
@@ -53,18 +59,26 @@ def cross_normalize(
     "official": c' = (c - mean(c)) * std(x) / (std(c) + eps) + mean(x), unbiased std, per sample,
     as the released code computes it. "paper": c' = (c - mean(x)) / sqrt(var(x) + eps), the paper's Eq.
     with gamma = 1. Statistics are per sample, so `control` may have another spatial size than x.
+
+    Computed in at least fp32 and returned in x's dtype: eps 1e-12 is zero in fp16, where a flat control
+    (std 0) would otherwise give 0 * inf = NaN.
     """
+    dtype = x.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    x, control = x.to(work), control.to(work)
     dims = tuple(range(1, x.ndim))
     mean_x = x.mean(dim=dims, keepdim=True)  # (b, 1, 1, 1)
     if mode == "official":
         std_x = x.std(dim=dims, keepdim=True)
         mean_c = control.mean(dim=dims, keepdim=True)
         std_c = control.std(dim=dims, keepdim=True)
-        return (control - mean_c) * (std_x / (std_c + eps)) + mean_x
-    if mode == "paper":
+        out = (control - mean_c) * (std_x / (std_c + eps)) + mean_x
+    elif mode == "paper":
         var_x = x.var(dim=dims, keepdim=True, unbiased=False)
-        return (control - mean_x) / torch.sqrt(var_x + eps)
-    raise ValueError(f"unknown cross-normalization mode {mode!r}; use 'official' or 'paper'")
+        out = (control - mean_x) / torch.sqrt(var_x + eps)
+    else:
+        raise ValueError(f"unknown cross-normalization mode {mode!r}; use 'official' or 'paper'")
+    return out.to(dtype)
 
 
 class ControlNeXtModel(ModelMixin, ConfigMixin):
@@ -76,6 +90,7 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         conditioning_channels: int = 3,
         stem_channels: tuple[int, ...] = (64, 64, 128),
         stem_groups: int = 2,
+        padded_stem: bool = True,
         block_out_channels: tuple[int, ...] = (128, 256),
         block_groups: tuple[int, ...] = (4, 8),
         mid_residual: bool = True,
@@ -90,8 +105,8 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         injection: str = "conv_in",
     ):
         super().__init__()
-        if injection not in INJECTION_POINTS:
-            raise ValueError(f"unknown injection point {injection!r}; choose one of {', '.join(INJECTION_POINTS)}")
+        if injection not in site_names():
+            raise ValueError(f"unknown injection point {injection!r}; choose one of {', '.join(site_names())}")
         if cross_norm_mode not in ("official", "paper"):
             raise ValueError(f"unknown cross_norm_mode {cross_norm_mode!r}; use 'official' or 'paper'")
         if len(block_out_channels) != len(block_groups):
@@ -103,8 +118,9 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         if stem_channels:
             layers: list[nn.Module] = []
             for i, width in enumerate(stem_channels):
-                stride = 2 if i == 0 else 1
-                layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1), nn.GroupNorm(stem_groups, width), nn.ReLU()]
+                stride, padding = (2, 1) if i == 0 else (1, int(padded_stem))
+                layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=padding), nn.GroupNorm(stem_groups, width),
+                           nn.ReLU()]
                 channels = width
             self.embedding = nn.Sequential(*layers)
         else:
@@ -132,11 +148,18 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
     def injection(self) -> str:
         return self.config.injection
 
-    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, unet_inputs: dict) -> torch.Tensor:
+    def control_features(self, condition: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The attachment's call: at inference the timestep-free part is computed once per condition tensor."""
         if torch.is_grad_enabled():
             return self(condition, timestep)
         return self(condition, timestep, precomputed=self.cached_precompute(condition))
+
+    def base_mismatch(self, denoiser) -> str | None:
+        """The module's output width must be the denoiser's at the injection site."""
+        want, have = self.config.out_channels, site_width(denoiser, self.injection)
+        if want != have:
+            return (f"was made for a base model with {want} channels at {self.injection}, but this base has {have}")
+        return None
 
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "ControlNeXtModel":
@@ -146,8 +169,20 @@ class ControlNeXtModel(ModelMixin, ConfigMixin):
         return cls(**{**VARIANTS[name], **overrides})
 
     @property
+    def official_variant(self) -> str | None:
+        """The name of the VARIANTS entry this model's configuration is, or None."""
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}
+        for name, entry in VARIANTS.items():
+            full = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **entry}.items()}
+            if all(config.get(k) == v for k, v in full.items()):
+                return name
+        return None
+
+    @property
     def downscale_factor(self) -> int:
-        """How much smaller than the condition image the output is."""
+        """How much smaller than the condition image the output is (an unpadded stem takes a few pixels more)."""
         return 2 ** (len(self.config.block_out_channels) + (1 if self.config.stem_channels else 0))
 
     @property

@@ -8,18 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ControlNextError
+from ..request import BUNDLED_CONTROLS, DEFAULT_BASE, SCHEDULERS, TASKS  # noqa: F401 (imported from here too)
 
-DEFAULT_BASE = Path(__file__).resolve().parent.parent / "assets" / "base"
-BUNDLED_CONTROLS = DEFAULT_BASE.parent / "controls"  # controls trained for the embedded default, one folder each
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++2m": "DPMSolverMultistepScheduler",
-}
-TASKS = ("txt2img", "img2img", "inpaint")
 FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",

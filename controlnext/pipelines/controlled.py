@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,8 +11,10 @@ from PIL import Image
 
 from ..control import ControlUnit, attach_control
 from ..control.loading import LoadedControl, load_control
+from ..denoisers import pipeline_denoiser
 from ..errors import ControlNextError
 from ..images import check_size, load_image, prepare_condition
+from ..request import SIZE_MULTIPLE
 from .base import load_base, load_loras, set_scheduler
 
 
@@ -25,9 +28,11 @@ class ControlledPipeline:
     def __init__(self, pipe, controls: Sequence[LoadedControl] = ()):
         self.pipe = pipe
         self.controls = list(controls)
+        self.loaded_scheduler = pipe.scheduler  # every `use_scheduler` starts from its config
+        self.denoiser = pipeline_denoiser(pipe)
         for control in self.controls:
-            if control.model.dtype != pipe.unet.dtype:
-                control.model.to(pipe.unet.dtype)
+            if control.model.dtype != self.denoiser.dtype:
+                control.model.to(self.denoiser.dtype)
             control.model.to(pipe.device)
 
     @classmethod
@@ -45,25 +50,44 @@ class ControlledPipeline:
         allow_download: bool = False,
         base_config: str | None = None,
         cache_dir: str | None = None,
+        unet_weights: str | Sequence[str] = "auto",
         **control_options,
     ) -> "ControlledPipeline":
-        """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`."""
+        """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`.
+
+        `unet_weights` ("auto", "absolute" or "increments"; one, or one per control) says how each control's
+        trained UNet tensors are stored; "auto" reads it from the tensors against this base.
+        """
         pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download,
                          cache_dir=cache_dir)
-        if scheduler:
-            set_scheduler(pipe, scheduler)
         load_loras(pipe, list(loras))
+        modes = [unet_weights] * len(controls) if isinstance(unet_weights, str) else list(unet_weights)
+        if len(modes) == 1:
+            modes *= len(controls)
+        if len(modes) != len(controls):
+            raise ControlNextError(f"{len(modes)} unet_weights values for {len(controls)} controls; "
+                                   "give one, or one per control")
+        denoiser = pipeline_denoiser(pipe)
         loaded = [
-            c if isinstance(c, LoadedControl) else load_control(c, pipe.unet, allow_pickle=allow_pickle, **control_options)
-            for c in controls
+            c if isinstance(c, LoadedControl)
+            else load_control(c, denoiser, allow_pickle=allow_pickle, **_unless_auto(unet_weights=mode), **control_options)
+            for c, mode in zip(controls, modes)
         ]
-        return cls(pipe, loaded)
+        controlled = cls(pipe, loaded)
+        if scheduler:
+            controlled.use_scheduler(scheduler)
+        return controlled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["pipe"], name)
 
+    def use_scheduler(self, name: str) -> None:
+        """Sample with scheduler `name`, built from the config of the one the pipeline was loaded with."""
+        self.pipe.scheduler = self.loaded_scheduler
+        set_scheduler(self.pipe, name)
+
     def default_size(self) -> tuple[int, int]:
-        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        side = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
         return side, side
 
     def __call__(
@@ -75,8 +99,10 @@ class ControlledPipeline:
         control_starts: Sequence[float] | float = 0.0,
         control_ends: Sequence[float] | float = 1.0,
         apply_to: str = "both",
+        resize_mode: str = "crop_and_resize",
         **kwargs,
     ):
+        """Generate; condition images are brought to the image size with `resize_mode` (see prepare_condition)."""
         n = len(self.controls)
         images = list(control_images or [])
         if len(images) != n:
@@ -89,24 +115,24 @@ class ControlledPipeline:
                 raise ControlNextError(f"control window start={start}, end={end}: need 0 <= start <= end <= 1")
 
         width, height = self.generation_size(kwargs)
-        check_size(width, height, self.pipe.vae_scale_factor, "generation")
+        check_size(width, height, math.lcm(SIZE_MULTIPLE, self.pipe.vae_scale_factor), "generation")
         if "image" not in kwargs or "mask_image" in kwargs:  # txt2img and inpaint take the size
             kwargs.setdefault("width", width)
             kwargs.setdefault("height", height)
         units = [
-            ControlUnit(control.model, self._condition_batch(image, width, height, control.model), scale, start, end,
-                        name=Path(control.source).name, unet_weights=control.unet_weights)
+            ControlUnit(control.model, self._condition_batch(image, width, height, control.model, resize_mode), scale,
+                        start, end, name=Path(control.source).name, unet_weights=control.unet_weights)
             for control, image, scale, start, end in zip(self.controls, images, scales, starts, ends)
         ]
         guidance = kwargs.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 7.5))
-        cfg = guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        cfg = guidance > 1 and self.denoiser.config.get("time_cond_proj_dim") is None
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
         for unit in units:
             if unit.condition.shape[0] not in (1, len(prompts)):
                 raise ControlNextError(
                     f"{unit.condition.shape[0]} condition images for {len(prompts)} prompts; give one or one per prompt"
                 )
-        with attach_control(self.pipe.unet, units, scheduler=self.pipe.scheduler, apply_to=apply_to, cfg=cfg):
+        with attach_control(self.denoiser, units, scheduler=self.pipe.scheduler, apply_to=apply_to, cfg=cfg):
             return self.pipe(prompt=prompt, **kwargs)
 
     def generation_size(self, kwargs: dict) -> tuple[int, int]:
@@ -119,7 +145,7 @@ class ControlledPipeline:
             default_w, default_h = init.size
         return kwargs.get("width") or default_w, kwargs.get("height") or default_h
 
-    def _condition_batch(self, image, width: int, height: int, model) -> torch.Tensor:
+    def _condition_batch(self, image, width: int, height: int, model, resize_mode: str) -> torch.Tensor:
         """One condition image (or a list, one per prompt) -> (b, 3, height, width) in [0, 1]."""
         items = image if isinstance(image, (list, tuple)) else [image]
         tensors = []
@@ -129,9 +155,14 @@ class ControlledPipeline:
             if isinstance(item, torch.Tensor):
                 tensors.append(item if item.ndim == 4 else item[None])
             else:
-                tensors.append(prepare_condition(item, width, height)[None])
+                tensors.append(prepare_condition(item, width, height, resize_mode)[None])
         condition = torch.cat(tensors)  # (b, 3, H, W)
         return condition.to(device=model.device, dtype=model.dtype)
+
+
+def _unless_auto(**options) -> dict:
+    """Options given a value other than "auto" (left at "auto", a method's loader keeps its own default)."""
+    return {name: value for name, value in options.items() if value != "auto"}
 
 
 def _per_control(value, defaults, n: int, what: str) -> list[float]:

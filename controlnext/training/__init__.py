@@ -6,7 +6,7 @@ dependencies load on first use.
 
 from .config import TrainConfig
 
-__all__ = ["GENERATED_DATA", "METHODS", "TrainConfig", "train"]
+__all__ = ["GENERATED_DATA", "TrainConfig", "train"]
 
 
 def train(config: TrainConfig, examples=None):
@@ -17,10 +17,6 @@ def train(config: TrainConfig, examples=None):
 
 
 def __getattr__(name: str):
-    if name == "METHODS":
-        from .methods import METHODS
-
-        return METHODS
     if name == "GENERATED_DATA":
         from .data import GENERATED_DATA
 

@@ -3,14 +3,15 @@
 Latent diffusion as in Rombach et al. (2022): the autoencoder learns reconstruction plus a small KL term
 (Eq. 25 of their appendix, without the perceptual and adversarial terms, which flat shapes do not need);
 the denoiser learns epsilon prediction, L = ||eps - eps_theta(z_t, t, c)||^2 (Ho et al., 2020, Eq. 14),
-with a share of empty captions so that classifier-free guidance works (Ho & Salimans, 2022).
+with a share of empty captions so that classifier-free guidance works (Ho & Salimans, 2022). The
+learning-rate schedule, the moving average of the weights and Min-SNR weighting are diffusers' own
+(`get_scheduler`, `EMAModel`, `compute_snr`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -72,19 +73,18 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor: linear warmup, then half a cosine down to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+def cosine_schedule(optimizer, total: int, warmup: int):
+    """Linear warm-up over `warmup` steps, then half a cosine down to zero at `total` (diffusers' "cosine")."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def train_vae(vae, images: torch.Tensor, config: BaseTrainingConfig, log: Log = print) -> None:
     """Reconstruction (L1 + L2) plus kl_weight * KL(q(z|x) || N(0, I)) per latent element."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, config.vae_steps, config.warmup_steps))
+    schedule = cosine_schedule(optimizer, config.vae_steps, config.warmup_steps)
     vae.train()
     started = time.time()
     for step in range(config.vae_steps):
@@ -139,28 +139,28 @@ def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str,
     return {"mean_abs_error": error, **mean_shape_scores(list(decoded.permute(0, 2, 3, 1).numpy()), specs)}
 
 
-class EMA:
-    """Exponential moving average of parameters: theta_ema <- d * theta_ema + (1 - d) * theta."""
+def moving_average(modules: list[torch.nn.Module], decay: float):
+    """diffusers' EMA of the modules' parameters: theta_ema <- d_n theta_ema + (1 - d_n) theta, with the warm-up
+    d_n = min(decay, (1 + n) / (10 + n)) so that early weights fade fast (the first update copies the weights)."""
+    from diffusers.training_utils import EMAModel
 
-    def __init__(self, modules: list[torch.nn.Module], decay: float):
-        self.decay = decay
-        self.copies = [copy.deepcopy(module).requires_grad_(False) for module in modules]
-        self.sources = modules
+    return EMAModel([p for module in modules for p in module.parameters()], decay=decay)
 
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # warm up, so early weights fade fast
-        for copy_, source in zip(self.copies, self.sources):
-            for averaged, current in zip(copy_.parameters(), source.parameters()):
-                averaged.lerp_(current, 1 - decay)
+
+def averaged_copies(ema, modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Copies of `modules` holding the moving averages of their weights (the modules keep their own)."""
+    copies = [copy.deepcopy(module).requires_grad_(False).eval() for module in modules]
+    ema.copy_to([p for module in copies for p in module.parameters()])
+    return copies
 
 
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
     """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (Hang et al., 2023, Eq. 9)."""
     if not gamma:
         return torch.ones(len(timesteps))
-    alphas_cumprod = scheduler.alphas_cumprod[timesteps]  # (b,)
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)  # (b,) alpha_t^2 / sigma_t^2
     return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
@@ -171,16 +171,15 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor, stds: torch.Tensor,
                    captions: list[str], scaling_factor: float, config: BaseTrainingConfig,
-                   evaluate: Callable[[int, EMA], None] | None = None, log: Log = print) -> EMA:
-    """Train UNet and text encoder together on epsilon prediction; return their moving averages."""
+                   evaluate: Callable[[int, list], None] | None = None, log: Log = print) -> list[torch.nn.Module]:
+    """Train UNet and text encoder together on the diffusion loss; return copies holding their moving averages."""
     generator = torch.Generator().manual_seed(config.seed + 1)
     token_ids = tokenize(tokenizer, captions)  # (n, max_tokens)
     empty_ids = tokenize(tokenizer, [""])  # (1, max_tokens)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, config.unet_steps, config.warmup_steps))
-    ema = EMA([unet, text_encoder], config.ema_decay)
+    schedule = cosine_schedule(optimizer, config.unet_steps, config.warmup_steps)
+    ema = moving_average([unet, text_encoder], config.ema_decay)
     unet.train()
     text_encoder.train()
     started, running = time.time(), []
@@ -205,16 +204,16 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        ema.update(step)
+        ema.step(parameters)
         running.append(loss.item())
         if step % 100 == 0 or step == config.unet_steps - 1:
             log(f"unet step {step:5d}  loss {np.mean(running):.4f}  {time.time() - started:.0f}s")
             running = []
         if evaluate and config.eval_every and (step + 1) % config.eval_every == 0:
-            evaluate(step + 1, ema)
+            evaluate(step + 1, averaged_copies(ema, [unet, text_encoder]))
     unet.eval()
     text_encoder.eval()
-    return ema
+    return averaged_copies(ema, [unet, text_encoder])
 
 
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
@@ -298,15 +297,15 @@ def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Pat
     scheduler = build_scheduler(config.prediction_type)
     history = []
 
-    def evaluate(step: int, ema: EMA) -> None:
-        pipeline = assemble_pipeline(vae, ema.copies[1], tokenizer, ema.copies[0], scheduler)
+    def evaluate(step: int, averaged: list) -> None:
+        pipeline = assemble_pipeline(vae, averaged[1], tokenizer, averaged[0], scheduler)
         scores, _ = evaluate_base(pipeline, count=config.eval_count, world_seed=config.seed)
         history.append({"step": step, **scores})
         log(f"eval at step {step}: " + "  ".join(f"{key} {value:.3f}" for key, value in scores.items()))
 
-    ema = train_denoiser(unet, text_encoder, tokenizer, scheduler, means, stds, captions, scaling_factor, config,
-                         evaluate, log)
-    pipeline = assemble_pipeline(vae, ema.copies[1], tokenizer, ema.copies[0], scheduler)
+    unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, scheduler, means, stds, captions, scaling_factor,
+                                        config, evaluate, log)
+    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     save_pipeline(pipeline, output, work / "tokenizer", config.half_precision_storage)
     minutes = (time.time() - started) / 60
     (output / "training_config.json").write_text(json.dumps(

@@ -36,9 +36,10 @@ class TrainConfig:
     base: str = option("", "base model: a local diffusers folder (StableDiffusionPipeline or StableDiffusionXLPipeline "
                        "layout: unet, vae, text_encoder, tokenizer, scheduler), a model id in the offline Hugging "
                        "Face cache or a single .safetensors file (default: the embedded default model)")
-    method: str = option("controlnext", "control method to train (a name in controlnext.training.METHODS)", resume=True)
+    method: str = option("controlnext", "control method to train: a method registered in controlnext.methods "
+                         "(built in: controlnext, controlnet)", resume=True)
     module_variant: str | None = option(None, "build the control module as a named official layout (sdxl, sd15, "
-                                        "sd15-v1, svd) instead of --module-config", resume=True)
+                                        "sd15-v1, svd, svd-training) instead of --module-config", resume=True)
     module_config: str | None = option(None, "control module sizes: a JSON object or a .json file of ControlNeXtModel "
                                        "arguments (default: the v2 sizes); the injection point and out_channels "
                                        "follow the base model unless given", resume=True)

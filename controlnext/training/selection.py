@@ -11,6 +11,7 @@ import re
 
 from torch import nn
 
+from ..denoisers import describe
 from ..errors import ControlNextError
 
 PRESETS: dict[str, list[str]] = {
@@ -19,16 +20,15 @@ PRESETS: dict[str, list[str]] = {
     "none": [],
 }
 
-_PART_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
 def transformer_blocks(unet: nn.Module) -> list[str]:
-    """Names of the UNet's transformer blocks in the order the features pass them (down, mid, up)."""
-    names = [name for name, module in unet.named_modules() if type(module).__name__ == "BasicTransformerBlock"]
+    """Names of the denoiser's transformer blocks in the order the features pass them (UNets: down, mid, up)."""
+    entry = describe(unet)
+    order = {part: i for i, part in enumerate(entry.block_order)}
+    names = [name for name, module in unet.named_modules() if type(module).__name__ == entry.block_class]
 
     def depth_order(name: str):
         parts = name.split(".")
-        return (_PART_ORDER.get(parts[0], 3), [int(p) if p.isdigit() else 0 for p in parts[1:]])
+        return (order.get(parts[0], len(order)), [int(p) if p.isdigit() else 0 for p in parts[1:]])
 
     return sorted(names, key=depth_order)
 

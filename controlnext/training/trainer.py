@@ -21,20 +21,20 @@ from torch import nn
 from ..control import ControlUnit, attach_control
 from ..control.loading import load_control
 from ..errors import ControlNextError, MissingDependencyError
+from ..methods import METHODS, ControlMethod
 from . import checkpoint as ckpt
 from .base import BaseModel, load_training_base
 from .config import TrainConfig
 from .data import ControlDataset, derive_seed, make_loader, open_source
-from .methods import TrainingMethod, get_method
 from .monitor import TrainingLog, progress_bar
 from .selection import describe_counts, resolve_patterns, select_parameters
-from .validation import fidelity, image_grid, resolve_metric, sample, validation_set
+from .validation import fidelity, generate, image_grid, resolve_metric, validation_set
 
 LOW_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ControlledUNet(nn.Module):
-    """The base UNet with one control attached (cfg=False): the module that trains and that validation samples."""
+    """The base UNet with one control attached (cfg=False): the module that trains."""
 
     def __init__(self, unet: nn.Module, control: nn.Module, scale: float = 1.0):
         super().__init__()
@@ -106,7 +106,9 @@ class Trainer:
 
         self.config = config.validate(needs_data=examples is None)
         self.metric = resolve_metric(config.validation_metric) if config.validation_every else None
-        self.method: TrainingMethod = get_method(config.method)
+        if config.method not in METHODS:
+            raise ControlNextError(f"unknown --method {config.method!r}; known: {', '.join(METHODS)}")
+        self.method: ControlMethod = METHODS[config.method]
         self.output = Path(config.output_dir)
         AcceleratorState._reset_state()  # accelerate keeps one precision per process; each run sets its own
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_use_cpu(config),
@@ -167,9 +169,8 @@ class Trainer:
     def _select_trainable(self, init_weights: dict[str, torch.Tensor]) -> None:
         """Freeze the base but the selected weights; remember the original values of every weight that changes."""
         unet, config = self.base.unet, self.config
-        self.patterns = resolve_patterns(unet, config.trainable, is_sdxl=self.base.is_sdxl,
-                                         spaced_every=config.spaced_every,
-                                         auto=self.method.auto_trainable(self.base.is_sdxl))
+        self.patterns = resolve_patterns(unet, config.trainable, is_sdxl=self.base.family == "sdxl",
+                                         spaced_every=config.spaced_every, auto=self.method.trainable(self.base.family))
         self.selected = select_parameters(unet, self.patterns)
         params = dict(unet.named_parameters())
         self.changed = sorted(set(self.selected) | set(init_weights), key=list(params).index)
@@ -300,9 +301,10 @@ class Trainer:
             return None
         model = acc.unwrap_model(self.prepared)
         model.eval()
-        images = sample(model, self.base, validation.conditions, validation.prompts,
-                        steps=self.config.validation_sampling_steps, guidance_scale=self.config.guidance_scale,
-                        seed=self.config.seed, device=acc.device)
+        with acc.autocast():
+            images = generate(self.base, model.control, validation.conditions, validation.prompts,
+                              steps=self.config.validation_sampling_steps, guidance_scale=self.config.guidance_scale,
+                              seed=self.config.seed, scale=model.scale)
         model.train()
         if not acc.is_main_process:
             return None

@@ -1,14 +1,18 @@
-"""Watching it learn: generate on fixed conditions and prompts, save a grid, measure control fidelity."""
+"""Watching it learn: generate on fixed conditions and prompts with the family's pipeline, save a grid, measure
+control fidelity."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from ..control import ControlUnit, attach_control
+from ..denoisers import pipeline_denoiser
 from ..errors import ControlNextError
 from ..images import load_image, prepare_condition, tensor_to_pil
 from .config import TrainConfig
@@ -57,29 +61,25 @@ def resolve_metric(name: str) -> tuple[str, Callable[[Image.Image, Image.Image],
 
 
 @torch.no_grad()
-def sample(model, base, conditions: torch.Tensor, prompts: list[str], *, steps: int, guidance_scale: float,
-           seed: int, device) -> torch.Tensor:
-    """DDIM sampling with classifier-free guidance through the controlled UNet -> images (n, 3, H, W) in [0, 1]."""
+def generate(base, control, conditions: torch.Tensor, prompts: list[str], *, steps: int, guidance_scale: float,
+             seed: int, scale: float = 1.0) -> torch.Tensor:
+    """The family's own diffusers pipeline with DDIM and `control` attached (None: the base alone) -> (n, 3, H, W).
+
+    The initial noise comes from a CPU generator seeded with `seed` in float32, so every validation starts
+    from the same latents, whatever the device and precision of training."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
+    pipe = type(base.pipe).from_pipe(base.pipe, scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = pipeline_denoiser(pipe)
     n, _, height, width = conditions.shape
-    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    shape = (n, base.unet.config.in_channels, height // factor, width // factor)
-    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)  # (n, 4, h, w)
-    latents = latents * scheduler.init_noise_sigma
-    hidden, pooled = base.encode_prompts([""] * n + list(prompts), device)  # (2n, tokens, d): unconditional first
-    sizes = torch.tensor([[height, width]] * 2 * n)
-    added = base.added_conditions(pooled, sizes, torch.zeros_like(sizes), height) if base.is_sdxl else None
-    condition = torch.cat([conditions, conditions]).to(device)  # (2n, 3, H, W): both halves see the condition
-    for t in scheduler.timesteps:
-        latent_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # (2n, 4, h, w)
-        prediction = model(latent_input, t, hidden, condition, added)
-        unconditional, conditional = prediction.float().chunk(2)
-        guided = unconditional + guidance_scale * (conditional - unconditional)  # CFG, Ho & Salimans (2022) Eq. 6
-        latents = scheduler.step(guided, t, latents).prev_sample
-    return base.decode_latents(latents)  # (n, 3, H, W)
+    shape = (n, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (n, c, h, w)
+    units = [] if control is None else [ControlUnit(control, conditions, scale=scale, name="validation")]
+    attached = attach_control(denoiser, units, scheduler=pipe.scheduler, cfg=guidance_scale > 1) if units else nullcontext()
+    with attached:
+        return pipe(list(prompts), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    latents=latents, output_type="pt").images  # (n, 3, H, W) in [0, 1]
 
 
 def image_grid(conditions: torch.Tensor, images: torch.Tensor) -> Image.Image:

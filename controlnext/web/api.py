@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..errors import ControlNextError
 from ..metadata import png_with_parameters
-from ..pipelines.base import SCHEDULERS, TASKS
+from ..request import SCHEDULERS, TASKS
 from .engine import Engine, available_annotators
 from .schemas import (
     AnnotateRequest,
@@ -118,9 +118,9 @@ def generate_response(engine: Engine, request: GenerateRequest) -> GenerateRespo
     generated = engine.generate(request)
     seconds = time.perf_counter() - began
     images = [
-        GeneratedImage(image=base64.b64encode(png_with_parameters(g.image, g.parameters)).decode("ascii"),
-                       seed=g.seed, parameters=g.parameters)
-        for g in generated
+        GeneratedImage(image=base64.b64encode(png_with_parameters(image, parameters)).decode("ascii"),
+                       seed=parameters["seed"], parameters=parameters)
+        for image, parameters in zip(generated.images, generated.parameters)
     ]
     return GenerateResponse(images=images, seconds=round(seconds, 3))
 

@@ -20,16 +20,6 @@ def require_web_packages() -> None:
             raise MissingDependencyError(package, "web") from None
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def tiny_demo_models(folder: Path) -> tuple[Path, Path]:
     """Write a tiny random base model and control (once) and return their folders."""
     from ..control.loading import save_controlnext
@@ -50,6 +40,7 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
     from fastapi import FastAPI
 
     from .. import __version__
+    from ..devices import default_dtype, resolve_device
     from ..pipelines.base import resolve_dtype
     from .api import BodySizeLimit, add_api_routes
     from .engine import Engine
@@ -69,7 +60,8 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
             config.models_dir, config.base, config.control, config.lora, demo, include_embedded=not config.hide_embedded
         )
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype or ("fp32" if device == "cpu" else "fp16"), device)
+    dtype = config.dtype or default_dtype(device)
+    resolve_dtype(dtype, device)  # refuses fp16 on a CPU before the server starts
     engine = Engine(catalog, device=device, dtype=dtype, cache_size=config.cache_size)
     worker = ModelWorker(config.queue_size)
 

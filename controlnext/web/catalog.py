@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from ..control.loading import MODULE_FILES
 from ..errors import ControlNextError
 from ..pipelines.base import BUNDLED_CONTROLS, DEFAULT_BASE
 
@@ -47,7 +46,8 @@ class ModelCatalog:
         if include_embedded and (DEFAULT_BASE / "model_index.json").is_file():
             found["base"].append((str(DEFAULT_BASE), "embedded"))
         if include_embedded and BUNDLED_CONTROLS.is_dir():
-            found["control"] += [(str(p), "bundled") for p in sorted(BUNDLED_CONTROLS.iterdir()) if is_control_folder(p)]
+            found["control"] += [(str(p), "bundled") for p in sorted(BUNDLED_CONTROLS.iterdir())
+                                 if p.is_dir() and is_control(p)]
         for folder in models_dirs:
             folder = Path(folder).expanduser()
             if not folder.is_dir():
@@ -86,12 +86,18 @@ def is_base_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
-def is_control_folder(path: Path) -> bool:
-    return (path / "control.json").is_file() or any((path / name).is_file() for name in MODULE_FILES)
+def is_control(path: Path) -> bool:
+    """A folder or file that a registered control method recognises (ours, a release, a diffusers ControlNet)."""
+    from ..methods import control_method
+
+    try:
+        return control_method(path) is not None
+    except ControlNextError:  # unreadable files are not offered; loading them would fail anyway
+        return False
 
 
 def safetensors_kind(path: Path) -> Kind | None:
-    """A LoRA (keys name lora layers), a single-file base checkpoint (LDM UNet keys), or neither."""
+    """A LoRA (keys name lora layers), a single-file base checkpoint (LDM UNet keys), a control, or neither."""
     from safetensors import safe_open
 
     try:
@@ -103,14 +109,14 @@ def safetensors_kind(path: Path) -> Kind | None:
         return "lora"
     if any(key.startswith("model.diffusion_model.") for key in keys):
         return "base"
-    return None
+    return "control" if is_control(path) else None
 
 
 def scan(folder: Path, depth: int) -> list[tuple[Kind, Path]]:
     """Model folders and files under `folder`, not descending into a model folder."""
     if is_base_folder(folder):
         return [("base", folder)]
-    if is_control_folder(folder):
+    if is_control(folder):
         return [("control", folder)]
     found: list[tuple[Kind, Path]] = []
     for child in sorted(folder.iterdir()):

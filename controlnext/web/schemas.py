@@ -1,6 +1,7 @@
 """Requests and answers of the HTTP API (pydantic), validated before anything reaches the model.
 
-The web UI builds the same `GenerateRequest`, so both interfaces accept exactly the same settings.
+The request's fields, defaults, limits and help come from `controlnext.request` (the web's own caps on
+top); the web UI builds the same `GenerateRequest`, so both interfaces accept exactly the same settings.
 Images travel as base64 PNG (or JPEG) strings; a `data:image/...;base64,` prefix is accepted.
 """
 
@@ -15,17 +16,55 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
 from ..images import upright
-from ..pipelines.base import SCHEDULERS, TASKS
+from ..errors import ControlNextError
+from ..request import (
+    APPLY_TO,
+    RESIZE_MODES,
+    SCHEDULERS,
+    TASKS,
+    UNET_WEIGHTS,
+    ControlSettings,
+    GenerationRequest,
+    LoraSettings,
+    check_task_inputs,
+    check_window,
+    settings,
+)
 
-MAX_CONTROLS = 4
-MAX_LORAS = 4
-MAX_STEPS = 150
-MAX_SIDE = 2048
-MAX_IMAGES = 4
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image, checked before its pixels are decoded
 
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+ApplyTo = Literal[tuple(APPLY_TO)]  # type: ignore[valid-type]
+UnetWeights = Literal[UNET_WEIGHTS]  # type: ignore[valid-type]
+ResizeMode = Literal[RESIZE_MODES]  # type: ignore[valid-type]
+
+
+def web_field(cls: type, name: str, **overrides) -> Any:
+    """A pydantic Field with the request field's default, help text and limits (the web's caps in their place)."""
+    spec = settings(cls)[name]
+    options: dict[str, Any] = {"description": spec.help, **spec.web_limits()}
+    if spec.kind is float:
+        options["allow_inf_nan"] = False
+    options.update(overrides)
+    if "default" in options or "default_factory" in options:
+        return Field(**options)
+    if spec.factory is not None:
+        return Field(default_factory=spec.factory, **options)
+    return Field(... if spec.required else spec.default, **options)
+
+
+def web_limit(cls: type, name: str, key: str):
+    """One limit of a request field as the web applies it (e.g. the most steps a request may ask for)."""
+    return settings(cls)[name].web_limits()[key]
+
+
+def _valid(check, *args) -> None:
+    """Run a shared check of controlnext.request; pydantic reports ValueErrors as validation errors."""
+    try:
+        check(*args)
+    except ControlNextError as error:
+        raise ValueError(str(error)) from None
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -73,53 +112,56 @@ class StrictModel(BaseModel):
 class ControlRequest(StrictModel):
     """One control unit: which control, its condition image, and where and how strongly it acts."""
 
-    control: str = Field(description="a control's name from /api/models")
+    control: str = web_field(ControlSettings, "control", description="a control's name from /api/models")
     image: Base64Image
-    annotator: str = Field("none", description="make the condition from `image` with this annotator; 'none' uses it as is")
-    annotator_options: Options = Field(default_factory=dict, description='its options, e.g. {"low_threshold": 100}')
-    scale: float | None = Field(None, ge=0, le=2, description="control strength (default: the control's recommended scale)")
-    start: float = Field(0.0, ge=0, le=1, description="fraction of the schedule where control starts")
-    end: float = Field(1.0, ge=0, le=1, description="fraction of the schedule where control ends")
+    annotator: str = web_field(ControlSettings, "annotator")
+    annotator_options: Options = web_field(ControlSettings, "annotator_options")
+    scale: float | None = web_field(ControlSettings, "scale")
+    start: float = web_field(ControlSettings, "start")
+    end: float = web_field(ControlSettings, "end")
+    unet_weights: UnetWeights = web_field(ControlSettings, "unet_weights")
 
     @model_validator(mode="after")
     def _window(self) -> "ControlRequest":
-        if self.start > self.end:
-            raise ValueError(f"start={self.start} is after end={self.end}; need start <= end")
+        _valid(check_window, self.start, self.end)
         return self
 
 
 class LoraRequest(StrictModel):
-    lora: str = Field(description="a LoRA's name from /api/models")
-    weight: float = Field(1.0, ge=-2, le=2)
+    lora: str = web_field(LoraSettings, "lora", description="a LoRA's name from /api/models")
+    weight: float = web_field(LoraSettings, "weight")
+
+
+def _request_field(name: str, **overrides) -> Any:
+    return web_field(GenerationRequest, name, **overrides)
 
 
 class GenerateRequest(StrictModel):
     """Everything one generation needs; the field names match the parameters stored in each PNG."""
 
-    prompt: str = Field(max_length=2000, description="what to draw")
-    negative_prompt: str = Field("", max_length=2000, description="what not to draw (classifier-free guidance)")
-    base: str | None = Field(None, description="a base model's name from /api/models (default: the first one)")
-    task: TaskName = "txt2img"
-    init_image: Base64Image | None = Field(None, description="starting image for img2img and inpaint")
-    mask: Base64Image | None = Field(None, description="inpainting mask (white = repaint)")
-    strength: float = Field(0.75, gt=0, le=1, description="how much img2img/inpaint changes init_image")
-    controls: list[ControlRequest] = Field(default_factory=list, max_length=MAX_CONTROLS)
-    apply_to: Literal["both", "cond"] = Field("both", description="control both guidance halves or the conditional one")
-    loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS)
-    steps: int = Field(20, ge=1, le=MAX_STEPS, description="denoising steps")
-    guidance: float = Field(7.5, ge=0, le=30, description="classifier-free guidance scale (<= 1 disables it)")
-    scheduler: SchedulerName = "unipc"
-    seed: int | None = Field(None, ge=0, lt=2**32, description="random seed (default: a random one); image k uses seed + k")
-    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8, description="default: the model's size")
-    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8, description="default: the model's size")
-    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    prompt: str = _request_field("prompt")
+    negative_prompt: str = _request_field("negative_prompt")
+    base: str | None = _request_field("base", description="a base model's name from /api/models (default: the first one)")
+    task: TaskName = _request_field("task")
+    init_image: Base64Image | None = _request_field("init_image")
+    mask: Base64Image | None = _request_field("mask")
+    strength: float = _request_field("strength")
+    controls: list[ControlRequest] = _request_field("controls")
+    apply_to: ApplyTo = _request_field("apply_to")
+    resize_mode: ResizeMode = _request_field("resize_mode")
+    loras: list[LoraRequest] = _request_field("loras")
+    steps: int = _request_field("steps")
+    guidance: float = _request_field("guidance")
+    scheduler: SchedulerName = _request_field("scheduler")
+    seed: int | None = _request_field("seed", default=None, description="random seed (default: a random one); "
+                                      "image k uses seed + k")
+    width: int | None = _request_field("width")
+    height: int | None = _request_field("height")
+    num_images: int = _request_field("num_images")
 
     @model_validator(mode="after")
     def _task_inputs(self) -> "GenerateRequest":
-        if self.task != "txt2img" and self.init_image is None:
-            raise ValueError(f"task {self.task} needs init_image")
-        if self.task == "inpaint" and self.mask is None:
-            raise ValueError("task inpaint needs mask")
+        _valid(check_task_inputs, self.task, self.init_image, self.mask)
         return self
 
 

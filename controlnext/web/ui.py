@@ -14,16 +14,19 @@ from pydantic import ValidationError
 
 from ..errors import ControlNextError
 from ..metadata import save_with_parameters
-from ..pipelines.base import SCHEDULERS
+from ..request import RESIZE_MODES, SCHEDULERS, UNET_WEIGHTS, ControlSettings, GenerationRequest, LoraSettings, settings
 from .catalog import ModelCatalog
 from .engine import Engine, available_annotators
-from .schemas import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerateRequest, describe_errors
+from .schemas import GenerateRequest, describe_errors
 from .worker import ModelWorker, QueueFull
 
 NONE = "none"
 LORA_SLOTS = 2
 CANVAS = 512
 HISTORY = 48  # images kept in a session's gallery
+FIELDS = settings(GenerationRequest)  # the defaults and limits of the sliders below
+CONTROL_FIELDS = settings(ControlSettings)
+LORA_FIELDS = settings(LoraSettings)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class UnitInputs:
     scale: gr.Slider
     start: gr.Slider
     end: gr.Slider
+    unet_weights: gr.Dropdown
 
 
 class StepProgress:
@@ -94,10 +98,20 @@ def control_unit(index: int, catalog: ModelCatalog, annotators: list[str]) -> Un
         )
         preview = gr.Image(label="Condition the control sees", interactive=False, elem_id=f"preview-{index}")
     with gr.Row():
-        scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Scale", elem_id=f"scale-{index}")
-        start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start", elem_id=f"start-{index}")
-        end = gr.Slider(0, 1, value=1.0, step=0.05, label="End", elem_id=f"end-{index}")
-    return UnitInputs(control, image, annotator, preview, scale, start, end)
+        scale = slider(CONTROL_FIELDS["scale"], 0.05, "Scale", f"scale-{index}", value=1.0)  # a slider has no 'default'
+        start = slider(CONTROL_FIELDS["start"], 0.05, "Start", f"start-{index}")
+        end = slider(CONTROL_FIELDS["end"], 0.05, "End", f"end-{index}")
+        unet_weights = gr.Dropdown(list(UNET_WEIGHTS), value=CONTROL_FIELDS["unet_weights"].default,
+                                   label="UNet weights (auto: read from the file)", elem_id=f"unet-weights-{index}")
+    return UnitInputs(control, image, annotator, preview, scale, start, end, unet_weights)
+
+
+def slider(spec, step: float, label: str, elem_id: str | None = None, **overrides) -> gr.Slider:
+    """A slider over a request field's web limits, starting at its default."""
+    limits = spec.web_limits()
+    options = dict(minimum=limits.get("ge", limits.get("gt", 0)), maximum=limits["le"], value=spec.default, step=step,
+                   label=label, elem_id=elem_id)
+    return gr.Slider(**{**options, **overrides})
 
 
 def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_dir: Path, units: int = 2) -> gr.Blocks:
@@ -121,21 +135,26 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                             unit_inputs.append(control_unit(i, catalog, annotators))
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
-                        scheduler = gr.Dropdown(list(SCHEDULERS), value="unipc", label="Scheduler", elem_id="scheduler")
-                        steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+                        scheduler = gr.Dropdown(list(SCHEDULERS), value=FIELDS["scheduler"].default, label="Scheduler",
+                                                elem_id="scheduler")
+                        steps = slider(FIELDS["steps"], 1, "Steps", "steps")
+                        guidance = slider(FIELDS["guidance"], 0.5, "Guidance", "guidance")
                     with gr.Row():
                         seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
-                        width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Width (0: the model's)", elem_id="width")
-                        height = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Height (0: the model's)", elem_id="height")
-                        count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
+                        size = FIELDS["width"].limits["multiple_of"]
+                        width = slider(FIELDS["width"], size, "Width (0: the model's)", "width", minimum=0, value=0)
+                        height = slider(FIELDS["height"], size, "Height (0: the model's)", "height", minimum=0, value=0)
+                        count = slider(FIELDS["num_images"], 1, "Images", "num-images")
+                    resize_mode = gr.Dropdown(list(RESIZE_MODES), value=FIELDS["resize_mode"].default,
+                                              label="Condition resize (just_resize: as the official pipelines)",
+                                              elem_id="resize-mode")
                 with gr.Accordion("LoRAs", open=False):
                     loras = []
                     for i in range(LORA_SLOTS):
                         with gr.Row():
                             loras.append((
                                 gr.Dropdown([NONE, *(e.name for e in catalog.loras)], value=NONE, label=f"LoRA {i + 1}"),
-                                gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight"),
+                                slider(LORA_FIELDS["weight"], 0.05, "Weight"),
                             ))
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -153,6 +172,7 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                 controls.append(dict(
                     control=values[unit.control], image=image, annotator=values[unit.annotator] or NONE,
                     scale=values[unit.scale], start=values[unit.start], end=values[unit.end],
+                    unet_weights=values[unit.unet_weights] or CONTROL_FIELDS["unet_weights"].default,
                 ))
             seed_value = values[seed]
             try:
@@ -161,6 +181,7 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                     controls=controls, steps=int(values[steps]), guidance=values[guidance],
                     scheduler=values[scheduler], seed=None if seed_value is None or seed_value < 0 else int(seed_value),
                     width=int(values[width]) or None, height=int(values[height]) or None, num_images=int(values[count]),
+                    resize_mode=values[resize_mode] or FIELDS["resize_mode"].default,
                     loras=[dict(lora=values[name], weight=values[weight]) for name, weight in loras
                            if values[name] not in (None, NONE)],
                 )
@@ -173,16 +194,16 @@ def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
             progress(0, desc="waiting for the model")
             generated = wait_for(submit(worker, engine.generate, request, steps_done), progress, steps_done)
             new = []
-            for item in generated:
-                path = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{item.seed}-{uuid.uuid4().hex[:6]}.png"
-                save_with_parameters(item.image, path, item.parameters)
-                new.append({"path": str(path), "caption": caption(item.parameters), "parameters": item.parameters})
+            for image, parameters in zip(generated.images, generated.parameters):
+                path = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{parameters['seed']}-{uuid.uuid4().hex[:6]}.png"
+                save_with_parameters(image, path, parameters)
+                new.append({"path": str(path), "caption": caption(parameters), "parameters": parameters})
             items = (new + values[history])[:HISTORY]
             return items, [(x["path"], x["caption"]) for x in items], new[0]["parameters"]
 
-        inputs = {prompt, negative, base, scheduler, steps, guidance, seed, width, height, count, history}
+        inputs = {prompt, negative, base, scheduler, steps, guidance, seed, width, height, count, resize_mode, history}
         for unit in unit_inputs:
-            inputs |= {unit.control, unit.image, unit.annotator, unit.scale, unit.start, unit.end}
+            inputs |= {unit.control, unit.image, unit.annotator, unit.scale, unit.start, unit.end, unit.unet_weights}
         inputs |= {c for pair in loras for c in pair}
         run.click(on_generate, inputs=inputs, outputs=[history, gallery, details])
         prompt.submit(on_generate, inputs=inputs, outputs=[history, gallery, details])
