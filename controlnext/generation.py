@@ -61,17 +61,41 @@ def load_pipeline(request: GenerationRequest) -> ControlledPipeline:
     )
 
 
-def annotate_condition(name: str, image: Image.Image, options: dict | None = None) -> Image.Image:
-    """The condition image an annotator makes from `image` ('none': the image itself, in RGB)."""
+def annotate_condition(
+    name: str,
+    image: Image.Image,
+    options: dict | None = None,
+    size: tuple[int, int] | None = None,
+    resize_mode: str = "crop_and_resize",
+) -> Image.Image:
+    """The condition image an annotator makes from `image` ('none': the image itself, in RGB).
+
+    With `size` (a generation's width, height) it is annotated at that size, as the control sees it.
+    """
     if name == "none":
         if options:
             raise ControlNextError("annotator 'none' takes no options")
         return to_rgb(image)
     try:
-        from .annotators import annotate
+        from .annotators import annotate, annotate_at_size
     except ImportError:
         raise ControlNextError(f"annotator {name!r} is not available: this installation has no annotators") from None
+    if size is not None:
+        return annotate_at_size(name, image, size, resize_mode=resize_mode, **(options or {}))
     return to_rgb(annotate(name, image, **(options or {})))
+
+
+def check_annotators(request: GenerationRequest) -> None:
+    """Refuse an unknown annotator or option before a pipeline loads."""
+    named = [c for c in request.controls if c.annotator != "none" or c.annotator_options]
+    if not named:
+        return
+    try:
+        from .annotators import check_annotator
+    except ImportError:
+        raise ControlNextError("annotators are not available: this installation has no annotators") from None
+    for control in named:
+        check_annotator(control.annotator, control.annotator_options)
 
 
 def generate(
@@ -81,17 +105,19 @@ def generate(
     progress: Progress | None = None,
     note: Callable[[str], None] | None = None,
 ) -> GenerationResult:
-    """Run a request: its conditions first (annotated), then its pipeline (`load` may keep one cached).
+    """Run a request: its images first, then its pipeline (`load` may keep one cached), then its conditions,
+    annotated at the generation size.
 
     `progress` hears of every denoising step; `note` of things worth telling the user.
     """
     request = settle(request.check())
-    conditions = []
+    check_annotators(request)
+    sources = []
     for control in request.controls:
         image = _open(control.image)
         if note is not None and ("A" in image.getbands() or "transparency" in image.info):
             note(f"{describe_image(control.image)} has transparency; transparent pixels count as black")
-        conditions.append(annotate_condition(control.annotator, image, control.annotator_options))
+        sources.append(image)
     pipe = load(request)
     pipe.use_scheduler(request.scheduler)
 
@@ -111,6 +137,11 @@ def generate(
             kwargs["mask_image"] = to_rgb(_open(request.mask))
     if progress is not None:
         kwargs["callback_on_step_end"] = _step_callback(progress, request.steps)
+    size = pipe.generation_size(kwargs)  # conditions are annotated at the size they are used at
+    conditions = [
+        annotate_condition(c.annotator, image, c.annotator_options, size, request.resize_mode)
+        for c, image in zip(request.controls, sources)
+    ]
     images = pipe(
         request.prompt, control_images=conditions, control_scales=scales,
         control_starts=[c.start for c in request.controls], control_ends=[c.end for c in request.controls],

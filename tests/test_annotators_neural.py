@@ -185,3 +185,41 @@ def test_soft_edge_weights_that_do_not_fit(tmp_path):
     (folder / "config.json").write_text(json.dumps({"stage_channels": [4], "convs": [1]}))
     with pytest.raises(ControlNextError, match="is not a SoftEdgeNet config"):
         annotate("softedge", shapes_image(), model_path=str(folder))
+
+
+@pytest.fixture(scope="module")
+def more_tiny_models(tmp_path_factory):
+    """Tiny seeded GLPN (metric depth) and UperNet (ConvNeXt backbone) models saved as local folders."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("more_tiny_models")
+    glpn = transformers.GLPNForDepthEstimation(transformers.GLPNConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2],
+        num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=8, head_in_index=-1,
+    ))  # fmt: skip
+    backbone = transformers.ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage1", "stage2"], num_stages=2
+    )
+    upernet = transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(
+        backbone_config=backbone, hidden_size=8, pool_scales=[1, 2], auxiliary_in_channels=16, auxiliary_channels=8,
+        num_labels=150, use_auxiliary_head=False,
+    ))  # fmt: skip
+    return {
+        "glpn": save_tiny(root / "glpn", glpn, transformers.GLPNImageProcessor()),
+        "upernet": save_tiny(
+            root / "upernet", upernet, transformers.SegformerImageProcessor(size={"height": 32, "width": 32})
+        ),
+    }
+
+
+def test_glpn_depth_is_flipped_to_near_white_and_keeps_the_size(more_tiny_models):
+    assert _predicts_distance(transformers.GLPNConfig())
+    image = shapes_image(45, 61)
+    rgb = array(annotate("depth", image, model_path=more_tiny_models["glpn"], device="cpu"))
+    assert rgb.shape == (61, 45, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_upernet_segmentation_uses_the_ade20k_palette(more_tiny_models):
+    out = annotate("segmentation", shapes_image(50, 34), model_path=more_tiny_models["upernet"], device="cpu")
+    assert out.size == (50, 34)
+    assert {tuple(c) for c in np.unique(array(out).reshape(-1, 3), axis=0)} <= set(ADE20K_PALETTE)

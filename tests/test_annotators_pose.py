@@ -174,3 +174,96 @@ def test_missing_json_file_and_missing_canvas_size(tmp_path):
         annotate("openpose_json", Image.new("RGB", (64, 64)), json_path=str(tmp_path / "nope.json"))
     with pytest.raises(ControlNextError, match="names no canvas_width"):
         render_openpose_json(pose_json(ARM))
+
+
+# -- several people, small people, partial bodies, quiet runs ---------------------------------------
+
+
+def side_by_side(*images: Image.Image, gap: int = 100, background=(200, 200, 200)) -> Image.Image:
+    """People from different photos standing next to each other on one canvas, each scaled to one height."""
+    height = max(image.height for image in images)
+    scaled = [image.convert("RGB").resize((round(image.width * height / image.height), height)) for image in images]
+    canvas = Image.new("RGB", (sum(s.width for s in scaled) + gap * (len(scaled) - 1), height), background)
+    left = 0
+    for image in scaled:
+        canvas.paste(image, (left, 0))
+        left += image.width + gap
+    return canvas
+
+
+def test_every_person_is_found_and_drawn(mediapipe):
+    group = side_by_side(shared_image("pose1.png"), shared_image("human.png"))
+    people = detect_people(group)
+    assert len(people) == 2
+    necks = [person.body[point["neck"]] for person in people]
+    assert all(neck[2] > 0 for neck in necks)
+    assert necks[0][0] < group.width / 2 < necks[1][0]  # one in each half, left to right
+    out = array(annotate("openpose", group))
+    for neck in necks:
+        assert tuple(out[int(neck[1]), int(neck[0])]) == BODY_COLORS[point["neck"]]
+
+
+def test_hands_and_faces_of_every_person(mediapipe):
+    people = detect_people(side_by_side(shared_image("pose1.png"), shared_image("human.png")), hands=True, face=True)
+    assert all(person.face is not None and (person.face[:, 2] > 0).sum() > 50 for person in people)
+    hands = [(person, hand) for person in people for hand in (person.left_hand, person.right_hand) if hand is not None]
+    assert len(hands) >= 3
+    for person, hand in hands:  # each hand starts at one of its owner's wrists
+        wrists = person.body[[point["left_wrist"], point["right_wrist"]], :2]
+        assert np.hypot(*(wrists - hand[0, :2]).T).min() < 60
+
+
+def small_person(height_fraction: float) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A person `height_fraction` of the frame tall in a large 2400 x 1600 street photo; with their box."""
+    street = shared_image("building.png").convert("RGB").resize((2400, 3600)).crop((0, 1000, 2400, 2600))
+    person = shared_image("human.png").convert("RGB")
+    height = round(1600 * height_fraction)
+    person = person.resize((round(person.width * height / person.height), height))
+    street.paste(person, (1500, 900))
+    return street, (1500, 900, 1500 + person.width, 900 + height)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.15])
+def test_a_small_person_in_a_large_frame_is_found(mediapipe, fraction):
+    street, (x0, y0, x1, y1) = small_person(fraction)
+    people = detect_people(street)
+    assert len(people) == 1
+    present = people[0].body[people[0].body[:, 2] > 0]
+    assert len(present) >= 10
+    assert (present[:, 0] > x0 - 20).all() and (present[:, 0] < x1 + 20).all() and (present[:, 1] > y0 - 20).all()
+
+
+@pytest.mark.parametrize("file", ["building.png", "room.png", "dog.png", "toy.png", "bird.png"])
+def test_no_person_is_found_where_there_is_none(mediapipe, file):
+    assert detect_people(shared_image(file)) == []
+
+
+def test_a_headshot_whose_shoulder_leaves_the_frame_keeps_its_neck(mediapipe):
+    image = shared_image("man.png")  # the man's left shoulder is cut by the right edge
+    body = detect_people(image)[0].body
+    assert body[point["left_shoulder"], 2] == 0 and body[point["right_shoulder"], 2] > 0  # off the image: not drawn
+    neck = body[point["neck"]]
+    assert neck[2] > 0 and body[point["right_shoulder"], 0] < neck[0] < image.width
+    assert body[point["nose"], 1] < neck[1]
+    out = array(annotate("openpose", image))
+    assert tuple(out[int(neck[1]), int(neck[0])]) == BODY_COLORS[point["neck"]]
+
+
+def test_pose_options_are_checked(mediapipe):
+    for options, message in [({"max_people": 0}, "max_people"), ({"min_person": 0.0}, "min_person")]:
+        with pytest.raises(ControlNextError, match=message):
+            annotate("openpose", shapes_image(), **options)
+
+
+def test_openpose_prints_nothing(tmp_path, shared_images, mediapipe):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    argv = [sys.executable, "-m", "controlnext", "annotate", "openpose", str(shared_images / "pose1.png"),
+            "-o", str(tmp_path / "pose.png"), "--option", "hands", "face"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout.strip() == str(tmp_path / "pose.png")

@@ -78,3 +78,70 @@ def test_usage_errors_exit_2(photo, capsys):
     with pytest.raises(SystemExit) as caught:
         cli.main(["annotate", "canny", str(photo)])  # no -o
     assert caught.value.code == 2 and "-o/--output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--output-size", "100000x100000"], "100000x100000 pixels is too large"),
+        (["--resolution", "100000"], "too large"),
+        (["--option", "device=cuda"], "not available"),
+    ],
+)
+def test_sizes_beyond_the_limit_and_missing_devices_are_one_line(photo, tmp_path, capsys, monkeypatch, extra, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    name = "depth" if "device=cuda" in extra else "canny"
+    code = cli.main(["annotate", name, str(photo), "-o", str(tmp_path / "out.png"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_color_segments_of_a_one_pixel_image(tmp_path):
+    source = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (5, 6, 7)).save(source)
+    assert cli.main(["annotate", "color_segments", str(source), "-o", str(tmp_path / "out.png")]) == 0
+
+
+def test_a_phone_portrait_gives_an_upright_condition(tmp_path):
+    stored = shapes_image(90, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown turned 90 degrees clockwise
+    stored.save(tmp_path / "phone.jpg", exif=exif)
+    assert cli.main(["annotate", "canny", str(tmp_path / "phone.jpg"), "-o", str(tmp_path / "out.png")]) == 0
+    assert Image.open(tmp_path / "out.png").size == (60, 90)
+
+
+def run_module(code: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_annotate_and_the_error_paths_do_not_import_the_generation_stack(photo, tmp_path):
+    """Start-up time is printed by scripts/bench_startup.py; here: the heavy libraries stay unimported."""
+    heavy = ("torch", "diffusers", "transformers", "gradio", "mediapipe")
+    calls = [
+        ["annotate", "canny", str(photo), "-o", str(tmp_path / "out.png")],
+        ["annotate", "canny", str(tmp_path / "missing.png"), "-o", str(tmp_path / "out.png")],
+        ["generate", "-p", "x", "-c", "canny", "-i", str(tmp_path / "missing.png")],
+        ["generate", "-p", "x", "-c", "canny", "-i", str(photo), "--annotator", "telepathy"],
+        ["train", "--data", "x"],
+        ["train", "--data", "x", "--output-dir", str(tmp_path / "run"), "--resolution", "7"],
+        ["serve", "--port", "-5"],
+        ["bench", "--threads", "0"],
+    ]
+    for argv in calls:
+        code = (
+            "import contextlib, io, sys\nfrom controlnext.cli import main\n"
+            f"with contextlib.redirect_stderr(io.StringIO()) as err:\n    status = main({argv!r})\n"
+            f"print(status, err.getvalue().count(chr(10)), [m for m in {heavy!r} if m in sys.modules])"
+        )
+        assert run_module(code).splitlines()[-1] == ("0 0 []" if argv == calls[0] else "2 1 []"), argv

@@ -261,3 +261,28 @@ def test_a_device_the_machine_lacks_is_one_line(tiny_base, tiny_control, conditi
             "--device", "cuda"]
     assert main(argv) == 2
     assert "device 'cuda' is not available: this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_annotator_works_at_the_generation_size(tmp_path, tiny_base, tiny_control, shared_images, monkeypatch):
+    import controlnext.annotators as annotators
+    from controlnext.annotators import registry
+
+    sizes = []
+    original = registry.annotate
+
+    def recording(name, image, **kwargs):
+        sizes.append(kwargs.get("output_size"))
+        return original(name, image, **kwargs)
+
+    monkeypatch.setattr(registry, "annotate", recording)
+    monkeypatch.setattr(annotators, "annotate", recording)
+    generate(tmp_path, tiny_base, tiny_control, shared_images / "building.png", "edges.png", "--annotator", "canny",
+             "--width", "64", "--height", "80")  # fmt: skip
+    assert sizes == [(64, 80)]  # annotated as the control sees it, not at the photo's 564 x 848
+
+
+def test_bad_serve_settings_are_one_line(capsys):
+    for argv, message in [(["serve", "--port", "-5"], "not a port number"), (["serve", "--queue-size", "0"], "at least 1")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

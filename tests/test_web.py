@@ -492,3 +492,27 @@ def test_browser_generates_an_image_into_the_gallery(server, tmp_path):
     parameters = read_parameters(io.BytesIO(png))
     assert (parameters["prompt"], parameters["steps"], parameters["seed"]) == ("a red circle", 2, 5)
     assert len(parameters["controls"]) == 1 and Image.open(io.BytesIO(png)).size == (64, 64)
+
+
+def test_annotate_refuses_a_resolution_beyond_the_pixel_limit(server):
+    body = {"image": png_base64(square_condition()), "annotator": "blur", "options": {"resolution": 100000}}
+    response = server.post("/api/annotate", json=body)
+    assert response.status_code == 400 and "too large" in response.json()["error"]
+    assert server.get("/api/health").status_code == 200
+
+
+def test_generate_annotates_at_the_generation_size(server, names, monkeypatch):
+    from controlnext import generation
+
+    sizes = []
+    original = generation.annotate_condition
+
+    def recording(name, image, options=None, size=None, resize_mode="crop_and_resize"):
+        sizes.append(size)
+        return original(name, image, options, size, resize_mode)
+
+    monkeypatch.setattr(generation, "annotate_condition", recording)
+    body = request_body(names, width=64, height=80)
+    body["controls"][0]["annotator"] = "canny"
+    assert server.post("/api/generate", json=body).status_code == 200
+    assert sizes == [(64, 80)]

@@ -1,11 +1,13 @@
 """Condition preprocessors ("annotators"): turn a photo into the condition image a control was trained on.
 
     from controlnext.annotators import annotate
-    edges = annotate("canny", photo, resolution=512, low_threshold=100, high_threshold=200)
+    edges = annotate("canny", photo, output_size=(512, 512), low_threshold=100, high_threshold=200)
 
 Every annotator has one signature, `fn(image, *, options...) -> RGB image`, and one registry line below.
-Weight-free annotators use OpenCV/numpy; `openpose` needs the `pose` extra (mediapipe, offline);
-`depth`, `normals`, `segmentation` and learned `softedge` load weights from a local folder (`model_path`).
+Conditions are annotated at the size they are used at (`output_size`, `annotate_at_size`).
+Weight-free annotators use OpenCV/numpy; `openpose` and `mask source=person` need the `pose` extra
+(mediapipe, offline); `depth`, `normals`, `segmentation` and learned `softedge` load weights from a
+local folder (`model_path`). Importing this package does not import torch or mediapipe.
 """
 
 from .depth_estimation import depth, normals
@@ -21,18 +23,18 @@ from .openpose_format import (
     read_openpose_json,
     render_openpose_json,
 )
-from .registry import AnnotatorSpec, annotate, get_annotator, list_annotators, parse_options, register_annotator
+from .registry import AnnotatorSpec, annotate, annotate_at_size, check_annotator, get_annotator, list_annotators, parse_options, register_annotator
 from .segments import color_segments
 from .semantic_segmentation import segmentation
 from .shuffle import content_shuffle
 from .upscaling import blur, tile
 
 
-register_annotator("canny", canny, resample="binary")
+register_annotator("canny", canny, resample="lines")
 register_annotator("lineart", lineart)
-register_annotator("scribble", scribble, resample="binary")
+register_annotator("scribble", scribble, resample="lines")
 register_annotator("softedge", softedge)
-register_annotator("lines", straight_lines, resample="binary")
+register_annotator("lines", straight_lines, resample="lines")
 register_annotator("mask", mask, resample="binary")
 register_annotator("shuffle", content_shuffle)
 register_annotator("color_segments", color_segments, resample="nearest")
@@ -48,6 +50,8 @@ __all__ = [
     "AnnotatorSpec",
     "PersonKeypoints",
     "annotate",
+    "annotate_at_size",
+    "check_annotator",
     "detect_people",
     "draw_openpose",
     "get_annotator",

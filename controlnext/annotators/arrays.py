@@ -7,6 +7,9 @@ from PIL import Image
 
 from ..images import to_rgb
 
+MAX_SIGMA = 256.0  # pixels: the widest blur an annotator option may ask for
+MAX_THICKNESS = 256  # pixels: the widest stroke
+
 
 def rgb_array(image: Image.Image) -> np.ndarray:
     """Any image -> (h, w, 3) uint8 RGB; transparent pixels become black."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ControlNextError
@@ -18,8 +16,11 @@ _METRIC_MODEL_TYPES = {"zoedepth", "depth_pro", "glpn"}  # these predict distanc
 
 def estimate_nearness(image: Image.Image, model_path: str | None, device: str = "auto") -> np.ndarray:
     """Per-pixel nearness in [0, 1] (1 = nearest), at the image's size: (h, w) float32."""
-    model, processor = load_local_model(model_path, "AutoModelForDepthEstimation", "depth estimation", DEPTH_EXAMPLES)
+    import torch
+    import torch.nn.functional as F
+
     target = resolve_device(device)
+    model, processor = load_local_model(model_path, "AutoModelForDepthEstimation", "depth estimation", DEPTH_EXAMPLES)
     rgb = rgb_array(image)  # (h, w, 3)
     inputs = processor(images=Image.fromarray(rgb), return_tensors="pt")
     with torch.inference_mode():

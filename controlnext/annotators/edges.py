@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ControlNextError
-from .arrays import condition_image, normalize_unit, rgb_array, unit_grey
+from .arrays import MAX_SIGMA, MAX_THICKNESS, condition_image, normalize_unit, rgb_array, unit_grey
 
 
 def canny(image: Image.Image, *, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
@@ -36,8 +36,11 @@ def lineart(
 
     `floor` (fraction of the strongest lines) removes faint texture; `gamma` < 1 thickens mid-strength lines.
     """
-    if sigma <= 0 or k <= 1:
-        raise ControlNextError(f"lineart needs sigma > 0 and k > 1, got sigma={sigma}, k={k}")
+    if not (0 < sigma <= MAX_SIGMA and 1 < k <= 20 and 0 <= floor < 1 and 0 < gamma <= 10):
+        raise ControlNextError(
+            f"lineart needs 0 < sigma <= {MAX_SIGMA}, 1 < k <= 20, 0 <= floor < 1 and 0 < gamma <= 10, "
+            f"got sigma={sigma}, k={k}, floor={floor}, gamma={gamma}"
+        )
     strength = normalize_unit(darker_than_surroundings(unit_grey(image), sigma, k), 99.5)
     strength = np.clip((strength - floor) / max(1.0 - floor, 1e-6), 0.0, 1.0) ** gamma
     return condition_image(strength)
@@ -55,8 +58,10 @@ def scribble(
     "xdog": thresholded difference of Gaussians (XDoG, Winnemoeller et al., 2012, with a hard step), on
     the most contrasted colour channel; "edges": Canny edges. Either is then thickened into strokes.
     """
-    if not 0 <= threshold <= 255 or thickness < 1:
-        raise ControlNextError(f"scribble needs 0 <= threshold <= 255 and thickness >= 1, got {threshold}, {thickness}")
+    if not 0 <= threshold <= 255 or not 1 <= thickness <= MAX_THICKNESS:
+        raise ControlNextError(
+            f"scribble needs 0 <= threshold <= 255 and 1 <= thickness <= {MAX_THICKNESS}, got {threshold}, {thickness}"
+        )
     rgb = rgb_array(image).astype(np.float32)  # (h, w, 3)
     if method == "xdog":
         fine = cv2.GaussianBlur(rgb, (0, 0), 0.5)  # (h, w, 3)
@@ -90,8 +95,8 @@ def softedge(image: Image.Image, *, sigma: float = 1.5, model_path: str | None =
         from .softedge_net import learned_soft_edges
 
         return learned_soft_edges(image, model_path)
-    if sigma <= 0:
-        raise ControlNextError(f"softedge needs sigma > 0, got {sigma}")
+    if not 0 < sigma <= MAX_SIGMA:
+        raise ControlNextError(f"softedge needs 0 < sigma <= {MAX_SIGMA}, got {sigma}")
     grey = cv2.GaussianBlur(unit_grey(image), (0, 0), sigma)  # (h, w)
     dx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)  # (h, w)
     dy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)  # (h, w)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ControlNextError
-from .arrays import condition_image, grey_array
+from .arrays import MAX_THICKNESS, condition_image, grey_array
 
 
 def straight_lines(
@@ -28,8 +28,10 @@ def straight_lines(
     into pieces. Segments shorter than `min_length` (a fraction of the short side) are dropped, which
     removes most texture; raise it to keep only the main structure.
     """
-    if not 0 <= min_length <= 1 or thickness < 1:
-        raise ControlNextError(f"lines needs 0 <= min_length <= 1 and thickness >= 1, got {min_length}, {thickness}")
+    if not 0 <= min_length <= 1 or not 1 <= thickness <= MAX_THICKNESS:
+        raise ControlNextError(
+            f"lines needs 0 <= min_length <= 1 and 1 <= thickness <= {MAX_THICKNESS}, got {min_length}, {thickness}"
+        )
     grey = grey_array(image)  # (h, w)
     shortest = min_length * min(grey.shape)
     segments = detect_segments(grey, method, shortest)  # (n, 4) x1, y1, x2, y2

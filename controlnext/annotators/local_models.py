@@ -5,18 +5,21 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import devices
 from ..errors import ControlNextError
+
+if TYPE_CHECKING:
+    import torch
 
 _FOLDER_LAYOUT = "a folder saved with save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
 
 
 def resolve_device(device: str) -> torch.device:
     """The torch device for a name; 'auto' follows the rule generation uses (controlnext.devices)."""
+    import torch
+
     return torch.device(devices.resolve_device(device))
 
 

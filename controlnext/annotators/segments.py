@@ -18,8 +18,8 @@ def color_segments(image: Image.Image, *, colors: int = 8, seed: int = 0, smooth
     The image is first median-filtered (`smooth` pixels, odd; 0 or 1 to skip) so regions are not
     speckled; k-means runs in CIE Lab on a seeded sample of pixels with k-means++ starts.
     """
-    if not 2 <= colors <= 64:
-        raise ControlNextError(f"color_segments needs 2 <= colors <= 64, got {colors}")
+    if not 2 <= colors <= 64 or seed < 0:
+        raise ControlNextError(f"color_segments needs 2 <= colors <= 64 and seed >= 0, got {colors}, {seed}")
     if smooth < 0 or (smooth > 1 and smooth % 2 == 0):
         raise ControlNextError(f"color_segments smooth must be 0, 1 or an odd number of pixels, got {smooth}")
     rgb = rgb_array(image)  # (h, w, 3)
@@ -29,6 +29,8 @@ def color_segments(image: Image.Image, *, colors: int = 8, seed: int = 0, smooth
     rng = np.random.default_rng(seed)
     sample = lab[rng.choice(len(lab), size=min(len(lab), _SAMPLE_PIXELS), replace=False)]  # (n, 3)
     colors = min(colors, len(np.unique(sample, axis=0)))
+    if colors == 1:  # one colour (a flat or one-pixel image): its mean is the only segment
+        return condition_image(np.broadcast_to(rgb.reshape(-1, 3).mean(axis=0).round().astype(np.uint8), rgb.shape))
     centres = _kmeans_plus_plus(sample, colors, rng)  # (k, 3)
     labels = _nearest(sample, centres).astype(np.int32)[:, None]  # (n, 1)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 30, 0.5)

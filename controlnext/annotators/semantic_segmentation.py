@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .ade20k_palette import ADE20K_PALETTE
@@ -29,10 +27,13 @@ def segmentation(image: Image.Image, *, model_path: str | None = None, device: s
     Takes models of transformers' AutoModelForSemanticSegmentation (per-pixel logits); for ADE20K models
     (150 labels, wall = 0) the colours are exactly those ADE20K seg controls were trained on.
     """
+    import torch
+    import torch.nn.functional as F
+
+    target = resolve_device(device)
     model, processor = load_local_model(
         model_path, "AutoModelForSemanticSegmentation", "semantic segmentation", SEGMENTATION_EXAMPLES
     )
-    target = resolve_device(device)
     rgb = rgb_array(image)  # (h, w, 3)
     inputs = processor(images=Image.fromarray(rgb), return_tensors="pt")
     with torch.inference_mode():

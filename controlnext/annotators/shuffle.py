@@ -17,8 +17,8 @@ def content_shuffle(image: Image.Image, *, seed: int = 0, cell_size: float = 0.5
     with a cubic filter, so patches keep local texture while the layout is lost, as shuffle controls
     expect. The same `seed` gives the same shuffle.
     """
-    if not 0 < cell_size <= 4:
-        raise ControlNextError(f"shuffle cell_size must be within (0, 4], got {cell_size}")
+    if not 0 < cell_size <= 4 or seed < 0:
+        raise ControlNextError(f"shuffle needs 0 < cell_size <= 4 and seed >= 0, got {cell_size}, {seed}")
     rgb = rgb_array(image)  # (h, w, 3)
     height, width = rgb.shape[:2]
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ import cv2
 from PIL import Image
 
 from ..errors import ControlNextError
-from .arrays import condition_image, rgb_array
+from .arrays import MAX_SIGMA, condition_image, rgb_array
 
 
 def tile(image: Image.Image, *, downscale: float = 4.0) -> Image.Image:
@@ -22,7 +22,7 @@ def tile(image: Image.Image, *, downscale: float = 4.0) -> Image.Image:
 
 def blur(image: Image.Image, *, sigma: float = 4.0) -> Image.Image:
     """The image under a Gaussian blur of `sigma` pixels (at the detection resolution)."""
-    if sigma < 0:
-        raise ControlNextError(f"blur sigma must be >= 0, got {sigma}")
+    if not 0 <= sigma <= MAX_SIGMA:
+        raise ControlNextError(f"blur sigma must be within 0..{MAX_SIGMA:g} pixels, got {sigma}")
     rgb = rgb_array(image)  # (h, w, 3)
     return condition_image(rgb if sigma == 0 else cv2.GaussianBlur(rgb, (0, 0), sigma))

@@ -2,8 +2,8 @@
 
 Each subcommand module defines `add_parser(subparsers, parent)`, which registers its parser and sets
 `run=callable(args) -> int | None`, and may set `check=callable(args)`, which refuses bad flags without
-heavy imports and runs first. Heavy imports happen inside `run`, so `controlnext --help` and errors in the
-flags are fast.
+heavy imports and runs first. Heavy imports (torch, diffusers, gradio) happen inside `run`, after the
+checks that need none of them, so `--help`, `annotate` and bad input answer in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -33,15 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """Keep the libraries' loading bars and notices out of the user's terminal (errors still show)."""
+    """Keep the libraries' notices out of the user's terminal (errors still show), without importing them."""
     import logging
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("GLOG_minloglevel", "2")  # mediapipe's native log lines
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "diffusers", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_loading_bars() -> None:
+    """Hide diffusers' model-loading bars. It imports diffusers: subcommands call it once they load models."""
     try:
         import diffusers.utils.logging as diffusers_logging
 
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "check"):
             args.check(args)
         if not args.debug:
-            quiet_libraries()  # imports diffusers: seconds
+            quiet_libraries()
         return args.run(args) or 0
     except ControlNextError as error:
         if args.debug:

@@ -17,16 +17,20 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE", type=Path, help="input image file (PNG, JPEG, ...)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the condition image")
     parser.add_argument(
-        "--resolution", type=int, default=None, help="short side the annotator works at (default: the image's)"
+        "--resolution", type=int, default=None,
+        help="short side the annotator works at (default: that of --output-size, else the image's own)",
     )
     parser.add_argument(
         "--resize-mode", default="crop_and_resize",
         help="how to reach --output-size: crop_and_resize (default), just_resize or resize_and_fill",
     )  # fmt: skip
-    parser.add_argument("--output-size", metavar="WxH", default=None, help="size of the result (default: the input's)")
+    parser.add_argument(
+        "--output-size", metavar="WxH", default=None,
+        help="size of the result, which the annotator works at: the size the condition is used at (default: the input's)",
+    )  # fmt: skip
     parser.add_argument(
         "--option", metavar="KEY=VALUE", action="extend", nargs="+", default=[],
-        help="annotator option, e.g. low_threshold=50 or model_path=/models/dpt (repeatable)",
+        help="annotator option, e.g. low_threshold=50, model_path=/models/dpt, or a yes/no option named alone (invert)",
     )  # fmt: skip
     parser.set_defaults(run=run)
 

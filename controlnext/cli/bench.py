@@ -56,6 +56,10 @@ def run(args) -> int:
 
     if args.threads is not None and args.threads <= 0:
         raise ControlNextError(f"--threads must be positive, not {args.threads}")
+    if not getattr(args, "debug", False):
+        from . import quiet_loading_bars
+
+        quiet_loading_bars()
     if args.convergence:
         import torch
 

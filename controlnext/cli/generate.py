@@ -113,10 +113,19 @@ def _stored_parameters(path: str) -> dict:
 
 def check(args: argparse.Namespace) -> None:
     args.request = request_from_args(args)
+    if any(c.annotator != "none" for c in args.request.controls):
+        from ..annotators import check_annotator
+
+        for control in args.request.controls:
+            check_annotator(control.annotator, control.annotator_options)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..generation import generate
+    from . import quiet_loading_bars
+
+    if not getattr(args, "debug", False):
+        quiet_loading_bars()
 
     request = getattr(args, "request", None) or request_from_args(args)
     bar = ProgressBar(enabled=not args.no_progress)

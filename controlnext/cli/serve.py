@@ -33,5 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from ..web import WebConfig, serve
 
     config = WebConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WebConfig)})
+    config.check()
+    if not getattr(args, "debug", False):
+        from . import quiet_loading_bars
+
+        quiet_loading_bars()
     serve(config)
     return 0

@@ -22,11 +22,20 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args).validate()  # bad flags fail here, before torch and the trainer load
+    if config.annotator:
+        from ..annotators import get_annotator
+
+        get_annotator(config.annotator)
+
     from accelerate import PartialState
 
     from ..training.trainer import train
+    from . import quiet_loading_bars
 
-    output = train(config_from_args(args))
+    if not getattr(args, "debug", False):
+        quiet_loading_bars()
+    output = train(config)
     if PartialState().is_main_process:
         print(f"trained control saved to {output}")
     return 0

@@ -114,7 +114,7 @@ class ControlledPipeline:
             if not 0 <= start <= end <= 1:
                 raise ControlNextError(f"control window start={start}, end={end}: need 0 <= start <= end <= 1")
 
-        width, height = self._size(kwargs)
+        width, height = self.generation_size(kwargs)
         check_size(width, height, math.lcm(SIZE_MULTIPLE, self.pipe.vae_scale_factor), "generation")
         if "image" not in kwargs or "mask_image" in kwargs:  # txt2img and inpaint take the size
             kwargs.setdefault("width", width)
@@ -135,7 +135,8 @@ class ControlledPipeline:
         with attach_control(self.denoiser, units, scheduler=self.pipe.scheduler, apply_to=apply_to, cfg=cfg):
             return self.pipe(prompt=prompt, **kwargs)
 
-    def _size(self, kwargs: dict) -> tuple[int, int]:
+    def generation_size(self, kwargs: dict) -> tuple[int, int]:
+        """The (width, height) a call with these keyword arguments generates at: the size conditions are used at."""
         init = kwargs.get("image")
         if init is not None and "mask_image" not in kwargs and isinstance(init, Image.Image):
             return init.size

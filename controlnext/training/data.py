@@ -8,7 +8,6 @@ condition likewise, or it is made from the cropped image by an annotator).
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..errors import ControlNextError, MissingDependencyError
-from ..images import cover_and_crop_box, load_image, pil_to_tensor, resize_and_crop, to_rgb
+from ..images import cover_and_crop_box, load_image, open_image, pil_to_tensor, resize_and_crop, to_rgb, upright
 from .config import TrainConfig
 
 Example = tuple[Image.Image, Image.Image | None, str]  # image, condition (None: made by --annotator), caption
@@ -181,9 +180,9 @@ def _is_hf_data(path: Path) -> bool:
 def _as_image(value: Any, root: Path | None, where: str) -> Image.Image:
     """A PIL image, a {"bytes", "path"} record (Hugging Face datasets) or a path relative to the data folder."""
     if isinstance(value, Image.Image):
-        return value
+        return upright(value)
     if isinstance(value, dict) and value.get("bytes"):
-        return Image.open(io.BytesIO(value["bytes"]))
+        return open_image(value["bytes"], where)
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
     if isinstance(value, (str, Path)):
@@ -212,7 +211,7 @@ class ControlDataset(torch.utils.data.Dataset):
         original_size = (image.height, image.width)
         _, crop_top_left = cover_and_crop_box(image.width, image.height, size, size)
         image = resize_and_crop(image, size, size) if image.size != (size, size) else image
-        if self.annotator:
+        if self.annotator:  # made from the cropped image: annotated at the size it trains at
             condition = to_rgb(annotation_function()(self.annotator, image))
         elif condition is None:
             raise ControlNextError(f"example {index} has no condition image; give one or pass --annotator")

@@ -32,3 +32,19 @@ class WebConfig:
     output_dir: str | None = _help("folder for the web UI's images (default: a temporary folder)", default=None)
     api_only: bool = _help("serve the HTTP API without the web UI", default=False)
     threads: int | None = _help("CPU threads for torch (default: torch's choice)", default=None)
+
+    def check(self) -> None:
+        """Raise a one-line error for a setting no server can run with (before anything heavy loads)."""
+        from ..errors import ControlNextError
+
+        if not 0 <= self.port <= 65535:
+            raise ControlNextError(f"--port {self.port} is not a port number; use 0..65535 (e.g. 7860)")
+        for name in ("queue_size", "cache_size", "ui_units"):
+            if getattr(self, name) < 1:
+                raise ControlNextError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not self.max_body_mb > 0:
+            raise ControlNextError(f"--max-body-mb must be positive, not {self.max_body_mb}")
+        if self.threads is not None and self.threads < 1:
+            raise ControlNextError(f"--threads must be at least 1, not {self.threads}")
+        if self.dtype not in (None, "fp32", "fp16", "bf16"):
+            raise ControlNextError(f"--dtype {self.dtype!r}: use fp32, fp16 or bf16")

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
+from ..images import upright
 from ..errors import ControlNextError
 from ..request import (
     APPLY_TO,
@@ -67,9 +68,9 @@ def _valid(check, *args) -> None:
 
 
 def decode_image(value: Any) -> Image.Image:
-    """A base64 PNG/JPEG string (or a PIL image, from the UI) -> a loaded PIL image."""
+    """A base64 PNG/JPEG string (or a PIL image, from the UI) -> a loaded PIL image, upright (EXIF orientation)."""
     if isinstance(value, Image.Image):
-        return value
+        return upright(value)
     if not isinstance(value, str):
         raise ValueError("expected an image as a base64 PNG or JPEG string")
     if value.startswith("data:") and "," in value:
@@ -85,7 +86,7 @@ def decode_image(value: Any) -> Image.Image:
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
         raise ValueError("the base64 data is not a readable PNG or JPEG image") from None
-    return image
+    return upright(image)
 
 
 def encode_png(image: Image.Image) -> str:
