@@ -2,24 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from controlnext.control import ControlUnit, attach_control
 from controlnext.denoisers import DENOISERS, describe, family, site_names
 from controlnext.errors import ControlNextError
 from controlnext.testing import tiny_controlnext, tiny_sd3_transformer, tiny_svd_unet, tiny_unet
-
-
-def official_add(x, c, scale, eps=1e-12, pool_first=False):
-    """x + scale * CrossNorm(pooled c) on a spatial map, written out by hand."""
-    if pool_first:
-        c = F.adaptive_avg_pool2d(c, x.shape[-2:])
-    mean_x, std_x = x.mean(dim=(1, 2, 3), keepdim=True), x.std(dim=(1, 2, 3), keepdim=True)
-    mean_c, std_c = c.mean(dim=(1, 2, 3), keepdim=True), c.std(dim=(1, 2, 3), keepdim=True)
-    c = (c - mean_c) * (std_x / (std_c + eps)) + mean_x
-    if not pool_first:
-        c = F.adaptive_avg_pool2d(c, x.shape[-2:])
-    return x + c * scale
+from official_code import official_inject
 
 
 # -- Stable Video Diffusion: the sites see batch x frames rows ---------------------------------------------
@@ -44,16 +32,16 @@ def reference_svd(unet, sample, t, text, time_ids, control, point, scale):
     h = unet.conv_in(sample.flatten(0, 1))  # (b*f, c, h, w)
     skips = (h,)
     if point == "conv_in":
-        h = official_add(h, control, scale)
+        h = official_inject(h, control, scale)
     for i, block in enumerate(unet.down_blocks):
         text_kw = dict(encoder_hidden_states=text) if getattr(block, "has_cross_attention", False) else {}
         h, res = block(hidden_states=h, temb=emb, image_only_indicator=indicator, **text_kw)
         skips += res
         if i == 0 and point == "down_blocks.0":
-            h = official_add(h, control, scale)
+            h = official_inject(h, control, scale)
     h = unet.mid_block(hidden_states=h, temb=emb, encoder_hidden_states=text, image_only_indicator=indicator)
     if point == "mid_block":
-        h = official_add(h, control, scale)
+        h = official_inject(h, control, scale)
     for block in unet.up_blocks:
         res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
         text_kw = dict(encoder_hidden_states=text) if getattr(block, "has_cross_attention", False) else {}
@@ -114,7 +102,7 @@ def reference_sd3(model, sample, t, text, pooled, control, point, scale):
 
     def add(tokens):  # (b, h*w, d) -> the map (b, d, h, w), add, and back
         features = tokens.transpose(1, 2).reshape(b, -1, *grid)
-        return official_add(features, control, scale).flatten(2).transpose(1, 2)
+        return official_inject(features, control, scale).flatten(2).transpose(1, 2)
 
     x = model.pos_embed(sample)  # (b, h*w, d)
     if point == "pos_embed":
