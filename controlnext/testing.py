@@ -192,3 +192,54 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
                                        steps_offset=1, timestep_spacing="leading")
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                 tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+
+
+def tiny_svd_components(seed: int = 0, num_frames: int = 6) -> dict:
+    """The parts of a StableVideoDiffusionPipeline at toy size, built as diffusers' own SVD tests build them:
+    a spatio-temporal UNet (channels 32, 64), a temporal-decoder VAE (8x), a CLIP vision encoder, an EDM Euler
+    scheduler (v-prediction, Karras sigmas)."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=16, num_attention_heads=(2, 4), addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24, num_frames=num_frames,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
+        layers_per_block=1,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+        intermediate_size=32, patch_size=32,
+    )).eval()
+    feature_extractor = CLIPImageProcessor(crop_size=32, size=32)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+    )
+    return dict(unet=unet, vae=vae, image_encoder=image_encoder, feature_extractor=feature_extractor,
+                scheduler=scheduler)
+
+
+def tiny_svd_pipeline(seed: int = 0, num_frames: int = 6):
+    """A StableVideoDiffusionPipeline of `tiny_svd_components` (64 x 64 frames), progress bar off."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    pipe = StableVideoDiffusionPipeline(**tiny_svd_components(seed, num_frames))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_svd_pipeline(folder: str | Path, seed: int = 0, num_frames: int = 6) -> Path:
+    """Write a tiny random StableVideoDiffusionPipeline in diffusers format to `folder`."""
+    folder = Path(folder)
+    tiny_svd_pipeline(seed, num_frames).save_pretrained(folder)
+    return folder

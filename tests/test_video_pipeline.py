@@ -1,0 +1,146 @@
+"""ControlledVideoPipeline on a tiny seeded Stable Video Diffusion pipeline (as diffusers' own SVD tests build it).
+
+The windowed loop is checked against a hand-written version of ControlNeXt's official one (per-window
+scheduler steps with the step index reset, stepped latents averaged) and per-frame control against a
+hand-written version of the official injection (normalise with eps 1e-5, pool, times scale x 0.2,
+conditional half only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image, ImageDraw
+
+from controlnext.control.loading import LoadedControl
+from controlnext.errors import ControlNextError
+from controlnext.pipelines.video import ControlledVideoPipeline, plan_windows
+from controlnext.testing import tiny_controlnext, tiny_svd_pipeline
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_svd_pipeline(seed=0, num_frames=4)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    image = Image.new("RGB", (SIZE, SIZE), (40, 90, 160))
+    ImageDraw.Draw(image).ellipse((16, 8, 48, 56), fill=(230, 200, 60))
+    return image
+
+
+def poses(count: int) -> torch.Tensor:
+    """A bar that moves down frame by frame: (count, 3, 64, 64) in [0, 1]."""
+    frames = torch.zeros(count, 3, SIZE, SIZE)
+    for k in range(count):
+        frames[k, :, 6 * k: 6 * k + 12, 8:40] = 1.0
+    return frames
+
+
+def svd_control(seed: int = 1):
+    """A tiny SVD-style module (normalise then pool, eps 1e-5, x 0.2 after down_blocks[0]) for the tiny UNet."""
+    return tiny_controlnext(seed, out_channels=32, injection="down_blocks.0", pool_before_norm=False,
+                            output_scale=0.2, cross_norm_eps=1e-5)
+
+
+KWARGS = dict(height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
+
+
+def generate(pipeline, image, seed=0, **kwargs):
+    return pipeline(image, generator=torch.Generator().manual_seed(seed), **{**KWARGS, **kwargs}).frames
+
+
+@pytest.mark.parametrize("frames, window, overlap, starts", [
+    (10, 4, 2, [0, 2, 4, 6]),
+    (9, 4, 1, [0, 3, 5]),  # the last window moves back to end with the video
+    (240, 24, 6, list(range(0, 217, 18))),  # the official run: 24 a window, overlap 6, 240 frames
+    (14, 14, 4, [0]),
+    (14, None, 0, [0]),
+])  # fmt: skip
+def test_window_plan(frames, window, overlap, starts):
+    plan = plan_windows(frames, window, overlap)
+    assert [w.frames[0] for w in plan] == starts and plan[-1].frames[-1] == frames - 1
+    assert [w.keep_from for w in plan] == [0] + [1] * (len(plan) - 1)
+    assert all(w.control_frames[0] == 0 and w.control_frames[1:] == w.frames[1:] for w in plan)
+
+
+@pytest.mark.parametrize("frames, window, overlap, message", [
+    (6, 8, 2, "the video has 6 frames, fewer than one window of 8"),
+    (10, 4, 0, "must overlap by 1 to 2 frames"),
+    (10, 4, 3, "must overlap by 1 to 2 frames"),
+    (10, 1, 0, "at least 2 frames"),
+])  # fmt: skip
+def test_bad_window_plans_give_one_line(frames, window, overlap, message):
+    with pytest.raises(ControlNextError, match=message):
+        plan_windows(frames, window, overlap)
+
+
+def test_one_window_without_control_is_the_diffusers_pipeline(pipe, reference):
+    expected = generate(pipe, reference, num_frames=4)
+    assert torch.equal(generate(ControlledVideoPipeline(pipe), reference, num_frames=4), expected)
+
+
+def official_windowed_latents(pipe, image, *, num_frames, window, overlap, guidance, seed=0, module=None,
+                              conditions=None, scale=1.0):
+    """ControlNeXt's released windowed loop, written out by hand on diffusers' SVD parts (constant guidance)."""
+    generator, device, cfg = torch.Generator().manual_seed(seed), torch.device("cpu"), guidance > 1
+    embeddings = pipe._encode_image(image, device, 1, cfg)  # (2, 1, d): zeros, then the image's
+    pixels = pipe.video_processor.preprocess(image, height=SIZE, width=SIZE)
+    pixels = pixels + 0.02 * randn_tensor(pixels.shape, generator=generator, dtype=pixels.dtype)
+    image_latents = pipe._encode_vae_image(pixels, device, 1, cfg).unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
+    time_ids = pipe._get_add_time_ids(7 - 1, 127, 0.02, embeddings.dtype, 1, 1, cfg)
+    pipe.scheduler.set_timesteps(KWARGS["num_inference_steps"], device=device)
+    latents = pipe.prepare_latents(1, num_frames, 8, SIZE, SIZE, embeddings.dtype, device, generator)
+    starts = [min(s, num_frames - window) for s in range(0, num_frames - overlap, window - overlap)]
+    handle = None
+    for t in pipe.scheduler.timesteps:
+        stepped, counts = torch.zeros_like(latents), torch.zeros(num_frames)
+        for start in dict.fromkeys(starts):
+            pipe.scheduler._step_index = None
+            x = latents[:, start:start + window]
+            if module is not None:
+                control_frames = conditions[[0, *range(start + 1, start + window)]]
+                control = module(control_frames, t)  # (window, c, H/8, W/8), same for both halves
+                row_scale = torch.tensor([0.0] * window + [scale] * window)[:, None, None, None]  # uncond: zero
+
+                def official(block, args, output, control=torch.cat([control, control]), row_scale=row_scale):
+                    sample, skips = output
+                    mean, std = sample.mean(dim=(1, 2, 3), keepdim=True), sample.std(dim=(1, 2, 3), keepdim=True)
+                    c_mean, c_std = control.mean(dim=(1, 2, 3), keepdim=True), control.std(dim=(1, 2, 3), keepdim=True)
+                    aligned = (control - c_mean) * (std / (c_std + 1e-5)) + mean
+                    return sample + F.adaptive_avg_pool2d(aligned, sample.shape[-2:]) * row_scale * 0.2, skips
+
+                handle = pipe.unet.down_blocks[0].register_forward_hook(official)
+            model_input = pipe.scheduler.scale_model_input(torch.cat([x, x]), t)
+            model_input = torch.cat([model_input, image_latents[:, start:start + window]], dim=2)
+            prediction = pipe.unet(model_input, t, encoder_hidden_states=embeddings, added_time_ids=time_ids,
+                                   return_dict=False)[0]
+            if handle is not None:
+                handle.remove()
+            uncond, cond = prediction.chunk(2)
+            x = pipe.scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+            keep = 0 if start == 0 else 1
+            stepped[:, start + keep:start + window] += x[:, keep:]
+            counts[start + keep:start + window] += 1
+        latents = stepped / counts.view(1, -1, 1, 1, 1)
+    return latents
+
+
+def test_windows_equal_the_official_windowed_loop(pipe, reference):
+    ours = generate(ControlledVideoPipeline(pipe), reference, num_frames=7, frames_per_window=4, overlap=2,
+                    min_guidance_scale=2.5, max_guidance_scale=2.5)
+    expected = official_windowed_latents(pipe, reference, num_frames=7, window=4, overlap=2, guidance=2.5)
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_a_condition_count_that_does_not_match_the_frames_gives_one_line(pipe, reference):
+    controlled = ControlledVideoPipeline(pipe, [LoadedControl(svd_control(), source="pose")])
+    with pytest.raises(ControlNextError, match="5 condition frames for a video of 4 frames"):
+        generate(controlled, reference, control_frames=poses(5), num_frames=4)
+    with pytest.raises(ControlNextError, match="1 control\\(s\\) loaded but 0 condition sequence"):
+        generate(controlled, reference)
