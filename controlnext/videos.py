@@ -142,13 +142,15 @@ def write_mp4(
                                "generate at a size that is a multiple of 8")
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        rate = Fraction(fps).limit_denominator(1001)
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf)}
         if metadata is not None:
             container.metadata[METADATA_KEY] = json.dumps(metadata)
-        for image in frames:
+        for index, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.asarray(image, dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = index, 1 / rate  # frames without timestamps encode differently run to run
             container.mux(stream.encode(frame))
         container.mux(stream.encode())  # flush the encoder
     return path

@@ -97,11 +97,11 @@ class PoseSequence:
         return written
 
 
-def mediapipe_detector(hands: bool = True, face: bool = True) -> Detector:
+def mediapipe_detector(hands: bool = True, face: bool = True, **options) -> Detector:
     """The bundled offline detector (mediapipe, extra `pose`): one person per frame, the most prominent."""
     from .mediapipe_pose import detect_people
 
-    return partial(detect_people, hands=hands, face=face)
+    return partial(detect_people, hands=hands, face=face, **options)
 
 
 def detect_sequence(frames: Sequence[Image.Image], detect: Detector, progress: bool = False) -> list[list[PersonKeypoints]]:
@@ -112,7 +112,7 @@ def detect_sequence(frames: Sequence[Image.Image], detect: Detector, progress: b
 
 
 def sequence_from_video(
-    reference: Image.Image,
+    reference: Image.Image | None,
     frames: Sequence[Image.Image],
     *,
     detect: Detector | None = None,
@@ -121,12 +121,17 @@ def sequence_from_video(
 ) -> PoseSequence:
     """Detect the pose of the reference image and of each driving frame; map the driving body onto the reference's.
 
-    Keypoints end up in the reference image's pixels: the canvas is the reference image.
+    Keypoints end up in the reference image's pixels: the canvas is the reference image. Without a
+    reference the driving poses stay as found, on the frames' canvas.
     """
     detect = detect or mediapipe_detector()
     if not frames:
         raise ControlNextError("the driving video has no frames")
     people = detect_sequence(frames, detect, progress)
+    if reference is None:
+        if not any(people):
+            raise ControlNextError(_NOBODY_DRIVING)
+        return PoseSequence([], people, frames[0].size, None, [i for i, persons in enumerate(people) if not persons])
     reference_people = detect(to_rgb(reference))[:1]
     return _assemble(reference_people, people, reference.size, frames[0].size, retarget)
 
@@ -188,6 +193,7 @@ def sequence_from_folder(
     return fit_frames([first, *frames], *reference.size), None
 
 
+_NOBODY_DRIVING = "no person found in any frame of the driving video; give a video with a clearly visible person"
 _NO_REFERENCE = ("no person found in the reference image; give a reference image with a clearly visible person "
                  "(or a pose folder with its reference.png)")
 
@@ -198,8 +204,7 @@ def _assemble(reference_people, people, canvas: tuple[int, int], driving_size: t
         raise ControlNextError(_NO_REFERENCE)
     missing = [index for index, persons in enumerate(people) if not persons]
     if len(missing) == len(people):
-        raise ControlNextError("no person found in any frame of the driving video; give a video with a clearly "
-                               "visible person")
+        raise ControlNextError(_NOBODY_DRIVING)
     if retarget:
         mapping = fit_retarget(reference_people[0].body, [persons[0].body for persons in people if persons])
     else:  # the driving frame's layout, covering the canvas and centred, as frames are cropped
