@@ -68,7 +68,7 @@ def add_parser(subparsers, parent) -> None:
     p.add_argument("--save-poses", metavar="FOLDER", default=None, help="also write the condition frames there")
     p.add_argument("--no-gif", dest="gif", action="store_false", help="skip the GIF")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(check=check_arguments, run=run)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -119,9 +119,9 @@ def base_frame_count(base: str, cache_dir: str | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_arguments(args)
     import torch
 
+    from ..devices import default_dtype, resolve_device
     from ..errors import ControlNextError
     from ..images import check_size, fit_image, load_image, to_rgb
     from ..pipelines.base import resolve_dtype
@@ -171,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
         for index, frame in enumerate(controls):
             frame.save(folder / f"condition_{index:05d}.png")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = resolve_dtype(args.dtype or ("fp32" if device == "cpu" else "fp16"), device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or default_dtype(device), device)
     pipe = ControlledVideoPipeline.from_pretrained(
         args.base, [args.control] if args.control else [], device=device, dtype=dtype, cpu_offload=args.cpu_offload,
         allow_pickle=args.allow_pickle, allow_download=args.allow_download, cache_dir=args.cache_dir,
