@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..control.attach import check_fits
-from ..control.loading import MODULE_FILES, PICKLE_SUFFIXES, load_controlnext, save_controlnext, tensor_names
+from ..control.loading import PICKLE_SUFFIXES, load_controlnext, release_module_file, save_controlnext, tensor_names
 from ..denoisers import family, find_site, site_width
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNeXtModel
@@ -30,7 +30,7 @@ def detect(path: Path) -> bool:
         config = path / "config.json"
         if config.is_file() and json.loads(config.read_text()).get("_class_name") == ControlNeXtModel.__name__:
             return True
-        return any((path / name).is_file() for name in MODULE_FILES)
+        return release_module_file(path) is not None
     if path.suffix in PICKLE_SUFFIXES:
         return True  # the official releases ship pickled modules; reading them needs the explicit opt-in
     names = tensor_names(path) or []
