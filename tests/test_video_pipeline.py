@@ -86,7 +86,7 @@ def test_one_window_without_control_is_the_diffusers_pipeline(pipe, reference):
 
 
 def official_windowed_latents(pipe, image, *, num_frames, window, overlap, guidance, seed=0, module=None,
-                              conditions=None, scale=1.0):
+                              conditions=None, scale=1.0, steps=KWARGS["num_inference_steps"]):
     """ControlNeXt's released windowed loop, written out by hand on diffusers' SVD parts (constant guidance)."""
     generator, device, cfg = torch.Generator().manual_seed(seed), torch.device("cpu"), guidance > 1
     embeddings = pipe._encode_image(image, device, 1, cfg)  # (2, 1, d): zeros, then the image's
@@ -94,7 +94,7 @@ def official_windowed_latents(pipe, image, *, num_frames, window, overlap, guida
     pixels = pixels + 0.02 * randn_tensor(pixels.shape, generator=generator, dtype=pixels.dtype)
     image_latents = pipe._encode_vae_image(pixels, device, 1, cfg).unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
     time_ids = pipe._get_add_time_ids(7 - 1, 127, 0.02, embeddings.dtype, 1, 1, cfg)
-    pipe.scheduler.set_timesteps(KWARGS["num_inference_steps"], device=device)
+    pipe.scheduler.set_timesteps(steps, device=device)
     latents = pipe.prepare_latents(1, num_frames, 8, SIZE, SIZE, embeddings.dtype, device, generator)
     starts = [min(s, num_frames - window) for s in range(0, num_frames - overlap, window - overlap)]
     handle = None
@@ -144,3 +144,149 @@ def test_a_condition_count_that_does_not_match_the_frames_gives_one_line(pipe, r
         generate(controlled, reference, control_frames=poses(5), num_frames=4)
     with pytest.raises(ControlNextError, match="1 control\\(s\\) loaded but 0 condition sequence"):
         generate(controlled, reference)
+
+
+# -- per-frame control ------------------------------------------------------------------------------
+
+def controlled(pipe, module, scale=1.0):
+    return ControlledVideoPipeline(pipe, [LoadedControl(module, scale=scale, source="pose")])
+
+
+def test_per_frame_control_equals_the_official_injection_on_the_conditional_half(pipe, reference):
+    module = svd_control()
+    ours = generate(controlled(pipe, module), reference, control_frames=poses(4), min_guidance_scale=2.5,
+                    max_guidance_scale=2.5)
+    with torch.no_grad():
+        expected = official_windowed_latents(pipe, reference, num_frames=4, window=4, overlap=0, guidance=2.5,
+                                             module=module, conditions=poses(4))
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert not torch.allclose(ours, generate(pipe, reference, num_frames=4, min_guidance_scale=2.5,
+                                             max_guidance_scale=2.5), atol=1e-3)  # the control did something
+
+
+def test_windows_with_control_equal_the_official_windowed_loop(pipe, reference):
+    module = svd_control()
+    ours = generate(controlled(pipe, module), reference, control_frames=poses(7), frames_per_window=4, overlap=2,
+                    min_guidance_scale=2.0, max_guidance_scale=2.0)
+    with torch.no_grad():
+        expected = official_windowed_latents(pipe, reference, num_frames=7, window=4, overlap=2, guidance=2.0,
+                                             module=module, conditions=poses(7))
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def unet_outputs(pipeline, pipe, image, **kwargs):
+    """The real UNet's first output in a generation: (2, frames, 4, h, w) under guidance, unconditional first."""
+    outputs = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
+    try:
+        generate(pipeline, image, **kwargs)
+    finally:
+        handle.remove()
+    return outputs[0]
+
+
+def test_control_acts_on_the_conditional_half_only(pipe, reference):
+    with_control = unet_outputs(controlled(pipe, svd_control()), pipe, reference, control_frames=poses(4))
+    without = unet_outputs(pipe, pipe, reference, num_frames=4)
+    assert torch.equal(with_control[0], without[0])  # unconditional: zero image embeddings and latents, no control
+    assert not torch.allclose(with_control[1], without[1], atol=1e-4)
+
+
+def test_scale_zero_equals_the_base_pipeline(pipe, reference):
+    expected = generate(pipe, reference, num_frames=4, output_type="pt")
+    got = generate(controlled(pipe, svd_control(), scale=0.0), reference, control_frames=poses(4), output_type="pt")
+    assert torch.equal(got, expected)
+
+
+def test_control_frames_may_be_images_of_another_size(pipe, reference):
+    """Pose images are covered and centre-cropped to the video size, as every condition is."""
+    images = [Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).astype("uint8")).resize((96, 96))
+              for frame in poses(4)]
+    frames = generate(controlled(pipe, svd_control()), reference, control_frames=images)
+    assert frames.shape == (1, 4, 4, SIZE // 8, SIZE // 8)
+
+
+# -- the official SVD-v2 release ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def release_pipe():
+    """The tiny pipeline with a UNet of the release's width (320 channels after down_blocks[0])."""
+    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+
+    from controlnext.testing import tiny_svd_components
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(320, 32),
+        down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"), cross_attention_dim=16,
+        num_attention_heads=(8, 1), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=4,
+    ).eval()
+    pipe = StableVideoDiffusionPipeline(**{**tiny_svd_components(num_frames=4), "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_svd_release(folder, unet, fp16: bool):
+    """The release as it ships (controlnet.bin + unet.bin, pickled) or as its fp16 safetensors conversion circulates."""
+    from safetensors.torch import save_file
+
+    from controlnext.models import ControlNeXtModel
+
+    torch.manual_seed(4)
+    module = ControlNeXtModel.from_variant("svd")
+    with torch.no_grad():
+        module.mid_convs[1].weight.normal_(0, 0.05)  # a visible control
+    g = torch.Generator().manual_seed(5)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    whole_unet = {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v.clone()
+                  for k, v in unet.state_dict().items()}  # the release trains the whole UNet
+    folder.mkdir(parents=True, exist_ok=True)
+    if fp16:
+        save_file({k: v.half().contiguous() for k, v in state.items()},
+                  str(folder / "controlnext-svd_v2-controlnet-fp16.safetensors"))
+        save_file({k: v.half().contiguous() for k, v in whole_unet.items()},
+                  str(folder / "controlnext-svd_v2-unet-fp16.safetensors"))
+        state = {k: v.half().float() for k, v in state.items()}
+        whole_unet = {k: v.half().float() for k, v in whole_unet.items()}
+    else:
+        torch.save(state, folder / "controlnet.bin")
+        torch.save(whole_unet, folder / "unet.bin")
+    return state, whole_unet
+
+
+def test_the_official_svd_release_loads_and_runs_as_its_code(release_pipe, reference, tmp_path):
+    from official_code import official_module
+
+    from controlnext.control.loading import load_control
+
+    pipe = release_pipe
+    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    state, whole_unet = write_svd_release(tmp_path, pipe.unet, fp16=False)
+    with pytest.raises(ControlNextError, match="pickled file.*--allow-pickle"):
+        load_control(tmp_path, pipe.unet)
+    loaded = load_control(tmp_path, pipe.unet, allow_pickle=True)
+    assert loaded.metadata["variant"] == "svd" and not loaded.model.config.padded_stem  # the release's stem
+    try:
+        ours = generate(ControlledVideoPipeline(pipe, [loaded]), reference, control_frames=poses(4),
+                        min_guidance_scale=2.0, max_guidance_scale=2.0, num_inference_steps=2)
+        pipe.unet.load_state_dict(whole_unet, strict=False)  # their loading: the whole UNet, non-strictly
+        with torch.no_grad():
+            expected = official_windowed_latents(
+                pipe, reference, num_frames=4, window=4, overlap=0, guidance=2.0, conditions=poses(4), steps=2,
+                module=lambda frames, t: official_module(state, frames, t.reshape(1), "v2-svd-release"))
+        assert torch.allclose(ours, expected, atol=1e-4)
+    finally:
+        pipe.unet.load_state_dict(base_state)
+
+
+def test_the_fp16_safetensors_conversion_of_the_release_loads(release_pipe, tmp_path):
+    from controlnext.control.loading import load_control
+
+    state, whole_unet = write_svd_release(tmp_path, release_pipe.unet, fp16=True)
+    loaded = load_control(tmp_path, release_pipe.unet)  # no pickles: no opt-in needed
+    assert loaded.metadata["variant"] == "svd" and not loaded.model.config.padded_stem
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
+    assert set(loaded.unet_weights) == set(whole_unet)
+    key = "down_blocks.0.resnets.0.temporal_res_block.conv1.weight"
+    assert torch.equal(loaded.unet_weights[key], whole_unet[key])
