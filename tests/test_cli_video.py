@@ -141,3 +141,40 @@ def test_annotate_canny_video_writes_a_condition_per_frame(tmp_path):
     write_mp4(frames, tmp_path / "clip.mp4", fps=8)
     assert main(["annotate", "canny", str(tmp_path / "clip.mp4"), "-o", str(tmp_path / "edges")]) == 0
     assert sorted(p.name for p in (tmp_path / "edges").iterdir()) == [f"frame_0000{k}.png" for k in range(3)]
+
+
+@pytest.fixture(scope="module")
+def svd_control_folder(tmp_path_factory):
+    """A ControlNeXt SVD-style control in our format that fits the tiny base (32 channels after down_blocks[0])."""
+    from controlnext.control.loading import save_controlnext
+    from controlnext.testing import tiny_controlnext
+
+    module = tiny_controlnext(1, out_channels=32, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2,
+                              cross_norm_eps=1e-5)
+    return save_controlnext(tmp_path_factory.mktemp("svd-control"), module)
+
+
+def test_video_from_a_pose_folder_follows_the_poses(tmp_path, svd_base, reference, svd_control_folder):
+    poses = pose_folder(tmp_path / "poses", 5)
+    out = video(tmp_path, svd_base, reference, "--control", str(svd_control_folder), "--poses", str(poses),
+                "--frames-per-window", "4", "--overlap", "2", "--save-poses", str(tmp_path / "seen"))
+    assert len(read_video(out).frames) == 6  # the reference and five poses
+    params = json.loads(out.with_suffix(".json").read_text())
+    assert params["windows"] == 2 and params["overlap"] == 2 and params["poses"] == str(poses)
+    seen = sorted((tmp_path / "seen").iterdir())
+    assert len(seen) == 6 and Image.open(seen[0]).getpixel((0, 0)) == (255, 0, 0)  # the stored reference pose first
+    plain = video(tmp_path, svd_base, reference, "--control", str(svd_control_folder), "--poses", str(poses),
+                  "--frames-per-window", "4", "--overlap", "2", "--scale", "0", name="plain.mp4")
+    difference = [np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).mean()
+                  for a, b in zip(read_video(out).frames, read_video(plain).frames)]
+    assert max(difference) > 1  # the control changed the video
+
+
+def test_video_from_a_driving_video(tmp_path, svd_base, person_video, svd_control_folder):
+    from annotator_helpers import IMAGES
+
+    out = video(tmp_path, svd_base, IMAGES / "human.png", "--control", str(svd_control_folder), "--driving",
+                str(person_video), "--stride", "1", "--save-poses", str(tmp_path / "seen"))
+    assert len(read_video(out).frames) == 5 and read_video(out).fps == pytest.approx(8)  # the driving rate
+    seen = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "seen").iterdir())]
+    assert len(seen) == 5 and all(frame.any() for frame in seen)  # a pose in every condition
