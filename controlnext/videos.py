@@ -120,6 +120,49 @@ def _decode(path: Path, stride: int, max_frames: int | None) -> tuple[list[Image
     return frames, rate
 
 
+def frame_count(path: str | Path) -> int:
+    """How many frames a video file or frame folder holds (decoded when the container does not say)."""
+    path = Path(path)
+    if path.is_dir():
+        return len(frame_files(path))
+    if not path.is_file():
+        raise ControlNextError(f"video not found: {path}")
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ControlNextError(f"{path} has no video stream; give a video file")
+            stream = container.streams.video[0]
+            return stream.frames or sum(1 for _ in container.decode(stream))
+    except av.error.FFmpegError as error:
+        raise ControlNextError(f"cannot read {path} as a video ({_reason(error)})") from None
+
+
+def read_frames(path: str | Path, indices: list[int]) -> list[Image.Image]:
+    """The frames at `indices` (any order, repeats allowed) of a video file or frame folder, as RGB images."""
+    path = Path(path)
+    wanted = set(indices)
+    if path.is_dir():
+        files = frame_files(path)
+        found = {i: to_rgb(load_image(files[i])) for i in wanted if i < len(files)}
+    else:
+        av = _av()
+        found = {}
+        try:
+            with av.open(str(path)) as container:
+                for index, frame in enumerate(container.decode(video=0)):
+                    if index in wanted:
+                        found[index] = frame.to_image().convert("RGB")
+                    if index >= max(wanted):
+                        break
+        except (av.error.FFmpegError, OSError) as error:
+            raise ControlNextError(f"cannot read {path} as a video ({_reason(error)})") from None
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ControlNextError(f"{path} has no frame {missing[0]} (it holds {len(found)} of those asked for)")
+    return [found[i] for i in indices]
+
+
 def _reason(error: Exception) -> str:
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
     return text.splitlines()[0][:160]
