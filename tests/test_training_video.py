@@ -139,3 +139,31 @@ def test_bad_video_data_gives_one_line(tmp_path, layout, message):
         write_mp4(moving_bar(2, (0, 255, 0), pose=True), tmp_path / "poses" / "a.mp4", fps=8)
     with pytest.raises(ControlNextError, match=message):
         VideoClips(TrainConfig(data=str(tmp_path), output_dir="x", resolution=32, num_frames=3))
+
+
+def test_hands_weigh_more_where_the_poses_carry_json(tmp_path):
+    import json
+
+    import numpy as np
+
+    from controlnext.annotators.openpose_format import PersonKeypoints, openpose_json_data
+
+    write_mp4(moving_bar(4, (200, 0, 0)), tmp_path / "videos" / "a.mp4", fps=8)
+    poses = tmp_path / "poses" / "a"
+    poses.mkdir(parents=True)
+    for k in range(4):
+        body = np.zeros((18, 3))
+        hand = np.zeros((21, 3))
+        hand[:, 0], hand[:, 1], hand[:, 2] = 100 + np.arange(21), 40 + np.arange(21), 1.0  # a 128 x 128 canvas
+        people = [PersonKeypoints(body, right_hand=hand)]
+        Image.new("RGB", (128, 128)).save(poses / f"frame_{k:05d}.png")
+        (poses / f"frame_{k:05d}.json").write_text(json.dumps(openpose_json_data(people, (128, 128))))
+    clips = VideoClips(TrainConfig(data=str(tmp_path), output_dir="x", resolution=64, num_frames=3, frame_stride=1))
+    weights = clips[0]["loss_weight"]  # (3, 1, 64, 64): the canvas is halved
+    assert weights.shape == (3, 1, 64, 64) and (weights[0] == 1).all()  # the reference frame weighs 1
+    for frame in weights[1:, 0]:
+        assert frame[30, 55].item() == pytest.approx(4.2) and frame[5, 5].item() == 1  # in the box at x 50-60, y 20-30
+        assert frame[10:40, 45:64].eq(4.2).sum() > 0 and frame.eq(4.2).sum() < 20 * 20
+    off = VideoClips(TrainConfig(data=str(tmp_path), output_dir="x", resolution=64, num_frames=3, frame_stride=1,
+                                 hand_loss_weight=1))
+    assert (off[0]["loss_weight"] == 1).all()

@@ -77,6 +77,9 @@ class TrainConfig:
     num_frames: int = option(14, "video bases: frames per training clip, the reference frame first (the official "
                              "recipe: 14 to 21)", resume=True)
     frame_stride: int = option(2, "video bases: take every k-th frame of a video into a clip", resume=True)
+    hand_loss_weight: float = option(4.2, "video bases: loss weight inside the hands' boxes where the poses come with "
+                                     "OpenPose JSON (as `controlnext annotate openpose` writes them; the release: "
+                                     "1 + 4 x 0.8); 1 weighs every pixel alike", resume=True)
     conditioning_dropout: float = option(0.1, "video bases: with probability p the image embedding alone, p both, p "
                                          "the image latents alone are dropped (zeroed), so that classifier-free "
                                          "guidance works", resume=True)
@@ -147,6 +150,8 @@ class TrainConfig:
                                    f"{max(8, round(self.resolution / 8) * 8)}")
         if not 0 <= self.conditioning_dropout <= 1 / 3:
             raise ControlNextError(f"--conditioning-dropout must lie in [0, 1/3], not {self.conditioning_dropout}")
+        if self.hand_loss_weight < 0:
+            raise ControlNextError(f"--hand-loss-weight must not be negative, not {self.hand_loss_weight}")
         if self.num_frames < 2 or self.frame_stride < 1:
             raise ControlNextError("--num-frames must be at least 2 and --frame-stride at least 1")
         if not 0 <= self.empty_prompt_ratio <= 1:

@@ -5,7 +5,8 @@ The objective of ControlNeXt's SVD-v2 training: the UNet is EDM-preconditioned a
 -s/sqrt(s^2 + 1), c_skip = 1/(s^2 + 1), c_noise = log(s)/4), the loss is the MSE of the denoised latents
 weighted by (1 + s^2)/s^2, and noise levels are drawn from the interpolated cosine schedule of simple
 diffusion (Hoogeboom et al., 2023, Sec. 4) by stratified sampling. Clips start with a reference frame and
-its pose, as the release builds them; conditioning dropout zeroes the image embedding, the image latents
+its pose, as the release builds them, and the loss weighs the hands' boxes more (where the poses carry
+OpenPose JSON); conditioning dropout zeroes the image embedding, the image latents
 or both, as in InstructPix2Pix (Brooks et al., 2023, Sec. 3.2.1), so that guidance works.
 """
 
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ControlNextError
-from ..images import fit_image, pil_to_tensor, to_rgb
-from ..videos import VIDEO_SUFFIXES, frame_count, read_frames
+from ..annotators.openpose_format import read_openpose_json
+from ..images import cover_and_crop_box, fit_image, pil_to_tensor, to_rgb
+from ..videos import VIDEO_SUFFIXES, frame_count, frame_files, read_frames
 from .config import TrainConfig
 from .data import derive_seed
 
@@ -110,7 +113,7 @@ class VideoClips(torch.utils.data.Dataset):
 
     def __init__(self, config: TrainConfig):
         self.size, self.frames, self.stride = config.resolution, config.num_frames, config.frame_stride
-        self.seed, self.annotator = config.seed, config.annotator
+        self.seed, self.annotator, self.hand_weight = config.seed, config.annotator, config.hand_loss_weight
         pairs = video_pairs(Path(config.data), needs_poses=not config.annotator)
         span = (self.frames - 1) * self.stride + 1
         self.clips: list[Clip] = []
@@ -156,7 +159,36 @@ class VideoClips(torch.utils.data.Dataset):
             "pixel_values": pixels,
             "reference": pixels[0],  # (3, R, R): the frame to animate
             "conditioning": torch.stack([pil_to_tensor(pose) for pose in poses]),  # (f, 3, R, R) in [0, 1]
+            "loss_weight": self._hand_weights(clip, indices),  # (f, 1, R, R)
         }
+
+    def _hand_weights(self, clip: Clip, indices: list[int]) -> torch.Tensor:
+        """hand_loss_weight inside each hand's box (keypoints' bounds and a margin) of the clip's pose JSON files,
+        1 elsewhere and on the reference frame, as the release weighs its loss."""
+        weights = torch.ones(len(indices), 1, self.size, self.size)
+        files = frame_files(clip.poses, (".json",)) if clip.poses is not None and clip.poses.is_dir() else []
+        files = [f for f in files if f.stem != "reference"]
+        if self.hand_weight == 1 or not files:
+            return weights
+        for position, index in enumerate(indices[1:], start=1):
+            if index >= len(files):
+                continue
+            people, canvas, normalized = read_openpose_json(files[index])
+            canvas = (1, 1) if normalized else canvas
+            if canvas is None:
+                continue
+            (width, height), (top, left) = cover_and_crop_box(canvas[0], canvas[1], self.size, self.size)
+            scale = width / canvas[0]
+            margin = 0.02 * min(width, height)
+            for person in people:
+                for hand in (person.left_hand, person.right_hand):
+                    if hand is None or not (hand[:, 2] > 0).any():
+                        continue
+                    seen = hand[hand[:, 2] > 0, :2] * scale - (left, top)  # pixels of the training crop
+                    x0, y0 = (seen.min(axis=0) - margin).clip(0, self.size).astype(int)
+                    x1, y1 = np.ceil(seen.max(axis=0) + margin).clip(0, self.size).astype(int)
+                    weights[position, :, y0:y1, x0:x1] = self.hand_weight
+        return weights
 
     def _fit(self, frame: Image.Image) -> Image.Image:
         return fit_image(to_rgb(frame), self.size, self.size)
@@ -245,7 +277,8 @@ def video_loss(model, base, batch: dict, config: TrainConfig, generator: torch.G
     condition = batch["conditioning"].to(device).flatten(0, 1)  # (b*f, 3, H, W): one pose per frame
     prediction = model(model_input, c["c_noise"].flatten(), embeddings, condition, added_time_ids=time_ids)
     denoised = prediction.float() * c["c_out"] + noisy * c["c_skip"]  # (b, f, 4, h, w)
-    return (c["weight"] * (denoised - latents) ** 2).mean()
+    hands = F.adaptive_avg_pool2d(batch["loss_weight"].to(device).flatten(0, 1), latents.shape[-2:])  # (b*f, 1, h, w)
+    return (c["weight"] * hands.view(b, f, 1, *latents.shape[-2:]) * (denoised - latents) ** 2).mean()
 
 
 # -- watching it learn --------------------------------------------------------------------------------
