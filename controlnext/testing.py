@@ -23,17 +23,19 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8
     return UNet2DConditionModel(**config).eval()
 
 
-def tiny_svd_unet(seed: int = 0):
+def tiny_svd_unet(seed: int = 0, **overrides):
     """A two-level UNetSpatioTemporalConditionModel (channels 32, 64: its group norms take 32 groups)."""
     from diffusers import UNetSpatioTemporalConditionModel
 
     torch.manual_seed(seed)
-    return UNetSpatioTemporalConditionModel(
+    config = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
         up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=16,
         num_attention_heads=2, addition_time_embed_dim=4, projection_class_embeddings_input_dim=3 * 4,
-    ).eval()
+    )
+    config.update(overrides)
+    return UNetSpatioTemporalConditionModel(**config).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0):
@@ -196,19 +198,13 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
 
 def tiny_svd_components(seed: int = 0, num_frames: int = 6) -> dict:
     """The parts of a StableVideoDiffusionPipeline at toy size, built as diffusers' own SVD tests build them:
-    a spatio-temporal UNet (channels 32, 64), a temporal-decoder VAE (8x), a CLIP vision encoder, an EDM Euler
+    `tiny_svd_unet` taking image latents, a temporal-decoder VAE (8x), a CLIP vision encoder, an EDM Euler
     scheduler (v-prediction, Karras sigmas)."""
-    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(seed)
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        cross_attention_dim=16, num_attention_heads=(2, 4), addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=24, num_frames=num_frames,
-    ).eval()
+    # noise and image latents side by side: 8 input channels
+    unet = tiny_svd_unet(seed, in_channels=8, num_attention_heads=(2, 4), num_frames=num_frames)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLTemporalDecoder(
         block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,

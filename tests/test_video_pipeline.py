@@ -211,17 +211,13 @@ def test_control_frames_may_be_images_of_another_size(pipe, reference):
 @pytest.fixture(scope="module")
 def release_pipe():
     """The tiny pipeline with a UNet of the release's width (320 channels after down_blocks[0])."""
-    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+    from diffusers import StableVideoDiffusionPipeline
 
-    from controlnext.testing import tiny_svd_components
+    from controlnext.testing import tiny_svd_components, tiny_svd_unet
 
-    torch.manual_seed(0)
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(320, 32),
-        down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
-        up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"), cross_attention_dim=16,
-        num_attention_heads=(8, 1), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, num_frames=4,
-    ).eval()
+    unet = tiny_svd_unet(in_channels=8, block_out_channels=(320, 32), num_attention_heads=(8, 1), num_frames=4,
+                         down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+                         up_block_types=("CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"))
     pipe = StableVideoDiffusionPipeline(**{**tiny_svd_components(num_frames=4), "unet": unet})
     pipe.set_progress_bar_config(disable=True)
     return pipe
