@@ -6,7 +6,6 @@ Writes an MP4 (the parameters in its metadata), a GIF and a JSON of every parame
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -71,156 +70,41 @@ def add_parser(subparsers, parent) -> None:
     p.set_defaults(check=check_arguments, run=run)
 
 
+REQUEST_FIELDS = ("base", "reference", "control", "driving", "poses", "stride", "max_frames", "retarget", "hands",
+                  "face", "scale", "frames_per_window", "overlap", "num_frames", "fps", "output_fps", "motion_bucket",
+                  "noise_aug", "min_guidance", "max_guidance", "steps", "decode_chunk", "seed", "width", "height",
+                  "variant", "allow_pickle", "allow_download", "cache_dir", "device", "dtype", "cpu_offload")
+
+
+def request_from(args: argparse.Namespace):
+    """The library request the flags describe."""
+    from ..video_generation import VideoRequest
+
+    return VideoRequest(**{name: getattr(args, name) for name in REQUEST_FIELDS})
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """One line for values that cannot work, before anything heavy loads."""
     from ..errors import ControlNextError
 
-    positive = {"--stride": args.stride, "--steps": args.steps, "--decode-chunk": args.decode_chunk,
-                "--max-frames": args.max_frames, "--frames-per-window": args.frames_per_window,
-                "--num-frames": args.num_frames, "--fps": args.fps, "--output-fps": args.output_fps}
-    for flag, value in positive.items():
-        if value is not None and value <= 0:
-            raise ControlNextError(f"{flag} must be positive, not {value}")
-    if args.control and not (args.driving or args.poses):
-        raise ControlNextError("--control needs the motion to follow: pass --driving VIDEO or --poses FOLDER")
-    if (args.driving or args.poses) and not args.control:
-        raise ControlNextError("--driving/--poses need a pose control: pass --control")
-    if args.control and args.num_frames:
-        raise ControlNextError("with a control the frame count is that of the poses; drop --num-frames "
-                               "(use --max-frames to shorten)")
-    if not 0 <= args.motion_bucket <= 255:
-        raise ControlNextError(f"--motion-bucket must lie in 0..255, not {args.motion_bucket}")
-    if args.noise_aug < 0:
-        raise ControlNextError(f"--noise-aug must not be negative, not {args.noise_aug}")
-    if args.overlap is not None and args.overlap < 0:
-        raise ControlNextError(f"--overlap must not be negative, not {args.overlap}")
+    request_from(args).check()
     if Path(args.output).suffix.lower() != ".mp4":
         raise ControlNextError(f"--output {args.output} must end in .mp4")
 
 
-def default_size(reference_size: tuple[int, int]) -> tuple[int, int]:
-    """1024 x 576, turned upright for a portrait reference."""
-    return (576, 1024) if reference_size[1] > reference_size[0] else (1024, 576)
-
-
-def base_frame_count(base: str, cache_dir: str | None) -> int:
-    """The frame count the base UNet was trained on, read from its config without loading weights."""
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    from ..errors import ControlNextError
-
-    try:
-        config = UNetSpatioTemporalConditionModel.load_config(base, subfolder="unet", local_files_only=True,
-                                                              cache_dir=cache_dir)
-    except (OSError, ValueError):
-        raise ControlNextError(f"no Stable Video Diffusion UNet config in {base} (expected unet/config.json); give a "
-                               "diffusers StableVideoDiffusionPipeline folder or a cached model id") from None
-    return int(config.get("num_frames", 25))
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..video_generation import conditions, generate_video, save_video
 
-    from ..devices import default_dtype, resolve_device
-    from ..errors import ControlNextError
-    from ..images import check_size, fit_image, load_image, to_rgb
-    from ..pipelines.base import resolve_dtype
-    from ..pipelines.video import ControlledVideoPipeline, plan_windows
-    from ..videos import read_video, write_gif, write_mp4
-
-    reference = to_rgb(load_image(args.reference))
-    width, height = default_size(reference.size)
-    width, height = args.width or width, args.height or height
-    check_size(width, height, 8, "video")
-    reference = fit_image(reference, width, height)
-    source_fps, controls, note = None, None, ""
-    if args.driving:
-        driving = read_video(args.driving, stride=args.stride, max_frames=args.max_frames)
-        source_fps = driving.fps
-        frame_count = 1 + len(driving.frames)
-    elif args.poses:
-        frame_count = None
-    window = args.frames_per_window or base_frame_count(args.base, args.cache_dir)
-    if args.driving:
-        if frame_count < window:  # before detecting anything
-            raise ControlNextError(
-                f"the driving video gives {frame_count - 1} frames at --stride {args.stride} ({frame_count} with the "
-                f"reference), fewer than one window of {window}; give a longer video, a smaller --stride or "
-                f"--frames-per-window {frame_count}")
-        plan_windows(frame_count, window, _overlap(args, window, frame_count))
-        from ..annotators.pose_sequence import mediapipe_detector, sequence_from_video
-
-        sequence = sequence_from_video(reference, driving.frames, detect=mediapipe_detector(args.hands, args.face),
-                                       retarget=args.retarget, progress=not args.no_progress)
-        controls = sequence.control_frames(args.hands, args.face)
-        if sequence.missing:
-            note = f"note: nobody found in {len(sequence.missing)} of {len(driving.frames)} driving frames (drawn black)"
-    elif args.poses:
-        from ..annotators.pose_sequence import mediapipe_detector, sequence_from_folder
-
-        controls, _ = sequence_from_folder(reference, args.poses, detect=mediapipe_detector(args.hands, args.face),
-                                           retarget=args.retarget, hands=args.hands, face=args.face)
-    if note:
-        print(note, file=sys.stderr)
-    num_frames = len(controls) if controls else (args.num_frames or window)
-    overlap = _overlap(args, window, num_frames)
-    windows = plan_windows(num_frames, window, overlap)
-    if args.save_poses and controls:
+    request = request_from(args)
+    prepared = conditions(request, progress=not args.no_progress)
+    if prepared.note:
+        print(f"note: {prepared.note}", file=sys.stderr)
+    if args.save_poses and prepared.frames:
         folder = Path(args.save_poses)
         folder.mkdir(parents=True, exist_ok=True)
-        for index, frame in enumerate(controls):
+        for index, frame in enumerate(prepared.frames):
             frame.save(folder / f"condition_{index:05d}.png")
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype or default_dtype(device), device)
-    pipe = ControlledVideoPipeline.from_pretrained(
-        args.base, [args.control] if args.control else [], device=device, dtype=dtype, cpu_offload=args.cpu_offload,
-        allow_pickle=args.allow_pickle, allow_download=args.allow_download, cache_dir=args.cache_dir,
-        **({"variant": args.variant} if args.variant else {}),
-    )
-    result = pipe(
-        reference, control_frames=controls if controls else None, control_scales=args.scale,
-        frames_per_window=window, overlap=overlap, progress=not args.no_progress,
-        width=width, height=height, num_frames=num_frames, num_inference_steps=args.steps,
-        min_guidance_scale=args.min_guidance, max_guidance_scale=args.max_guidance, fps=args.fps,
-        motion_bucket_id=args.motion_bucket, noise_aug_strength=args.noise_aug, decode_chunk_size=args.decode_chunk,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-    )
-    if not isinstance(result.frames, list) or not result.frames:
-        raise ControlNextError("the pipeline returned no frames")
-    frames = result.frames[0]
-    output_fps = args.output_fps or source_fps or float(args.fps)
-    params = parameters(args, width, height, num_frames, window, overlap, len(windows), output_fps, device, dtype)
-    out = Path(args.output)
-    write_mp4(frames, out, output_fps, metadata=params)
-    written = [out]
-    if args.gif:
-        written.append(write_gif(frames, out.with_suffix(".gif"), output_fps))
-    out.with_suffix(".json").write_text(json.dumps(params, indent=2))
-    written.append(out.with_suffix(".json"))
-    for path in written:
+    result = generate_video(request, prepared, progress=not args.no_progress)
+    for path in save_video(result, args.output, gif=args.gif):
         print(path)
     return 0
-
-
-def _overlap(args: argparse.Namespace, window: int, num_frames: int) -> int:
-    if args.overlap is not None:
-        return args.overlap
-    return 0 if num_frames <= window else max(1, window // 4)
-
-
-def parameters(args, width, height, num_frames, window, overlap, windows, output_fps, device, dtype) -> dict:
-    """Everything needed to make this video again with `controlnext video`."""
-    from .. import __version__
-
-    return {
-        "version": __version__, "base": args.base, "control": args.control, "reference": args.reference,
-        "driving": args.driving, "poses": args.poses, "stride": args.stride, "max_frames": args.max_frames,
-        "retarget": args.retarget, "hands": args.hands, "face": args.face, "scale": args.scale,
-        "num_frames": num_frames, "frames_per_window": window, "overlap": overlap, "windows": windows,
-        "fps": args.fps, "output_fps": output_fps, "motion_bucket": args.motion_bucket, "noise_aug": args.noise_aug,
-        "min_guidance": args.min_guidance, "max_guidance": args.max_guidance, "steps": args.steps,
-        "decode_chunk": args.decode_chunk, "seed": args.seed, "width": width, "height": height,
-        "device": device, "dtype": str(dtype).removeprefix("torch."), "cpu_offload": args.cpu_offload,
-        "variant": args.variant,
-    }
