@@ -66,6 +66,13 @@ def tiny_controlnext(seed: int = 0, out_channels: int = 8, **overrides):
     return model
 
 
+def tiny_svd_controlnext(seed: int = 0, out_channels: int = 32):
+    """`tiny_controlnext` joined as the SVD-v2 control joins: after down_blocks[0], normalise then pool, eps 1e-5,
+    times 0.2; 32 channels for `tiny_svd_unet`."""
+    return tiny_controlnext(seed, out_channels=out_channels, injection="down_blocks.0", pool_before_norm=False,
+                            output_scale=0.2, cross_norm_eps=1e-5)
+
+
 def byte_alphabet() -> list[str]:
     """The 256 printable characters that byte-level BPE tokenizers (GPT-2, CLIP) use for the bytes 0..255."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]

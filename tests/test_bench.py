@@ -90,10 +90,10 @@ def test_video_flops_count_the_control_once_per_window():
 
     from controlnext.bench.report import render_markdown
     from controlnext.bench.video import VideoStep, count_video_flops
-    from controlnext.testing import tiny_controlnext, tiny_svd_components
+    from controlnext.testing import tiny_svd_components, tiny_svd_controlnext
 
     unet = tiny_svd_components(num_frames=3)["unet"]
-    module = tiny_controlnext(out_channels=32, injection="down_blocks.0", output_scale=0.2, cross_norm_eps=1e-5)
+    module = tiny_svd_controlnext()
     g = torch.Generator().manual_seed(0)
     step = VideoStep(unet, module, torch.randn(2, 3, 8, 8, 8, generator=g), torch.tensor(1.0),
                      torch.randn(2, 1, 16, generator=g), torch.tensor([[6.0, 127.0, 0.02]] * 2),

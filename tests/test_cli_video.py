@@ -147,11 +147,9 @@ def test_annotate_canny_video_writes_a_condition_per_frame(tmp_path):
 def svd_control_folder(tmp_path_factory):
     """A ControlNeXt SVD-style control in our format that fits the tiny base (32 channels after down_blocks[0])."""
     from controlnext.control.loading import save_controlnext
-    from controlnext.testing import tiny_controlnext
+    from controlnext.testing import tiny_svd_controlnext
 
-    module = tiny_controlnext(1, out_channels=32, injection="down_blocks.0", pool_before_norm=False, output_scale=0.2,
-                              cross_norm_eps=1e-5)
-    return save_controlnext(tmp_path_factory.mktemp("svd-control"), module)
+    return save_controlnext(tmp_path_factory.mktemp("svd-control"), tiny_svd_controlnext(1))
 
 
 def test_video_from_a_pose_folder_follows_the_poses(tmp_path, svd_base, reference, svd_control_folder):

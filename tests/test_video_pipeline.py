@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from controlnext.control.loading import LoadedControl
 from controlnext.errors import ControlNextError
 from controlnext.pipelines.video import ControlledVideoPipeline, plan_windows
-from controlnext.testing import tiny_controlnext, tiny_svd_pipeline
+from controlnext.testing import tiny_svd_controlnext, tiny_svd_pipeline
 
 SIZE = 64
 
@@ -40,12 +40,6 @@ def poses(count: int) -> torch.Tensor:
     for k in range(count):
         frames[k, :, 6 * k: 6 * k + 12, 8:40] = 1.0
     return frames
-
-
-def svd_control(seed: int = 1):
-    """A tiny SVD-style module (normalise then pool, eps 1e-5, x 0.2 after down_blocks[0]) for the tiny UNet."""
-    return tiny_controlnext(seed, out_channels=32, injection="down_blocks.0", pool_before_norm=False,
-                            output_scale=0.2, cross_norm_eps=1e-5)
 
 
 KWARGS = dict(height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent")
@@ -139,7 +133,7 @@ def test_windows_equal_the_official_windowed_loop(pipe, reference):
 
 
 def test_a_condition_count_that_does_not_match_the_frames_gives_one_line(pipe, reference):
-    controlled = ControlledVideoPipeline(pipe, [LoadedControl(svd_control(), source="pose")])
+    controlled = ControlledVideoPipeline(pipe, [LoadedControl(tiny_svd_controlnext(1), source="pose")])
     with pytest.raises(ControlNextError, match="5 condition frames for a video of 4 frames"):
         generate(controlled, reference, control_frames=poses(5), num_frames=4)
     with pytest.raises(ControlNextError, match="1 control\\(s\\) loaded but 0 condition sequence"):
@@ -153,7 +147,7 @@ def controlled(pipe, module, scale=1.0):
 
 
 def test_per_frame_control_equals_the_official_injection_on_the_conditional_half(pipe, reference):
-    module = svd_control()
+    module = tiny_svd_controlnext(1)
     ours = generate(controlled(pipe, module), reference, control_frames=poses(4), min_guidance_scale=2.5,
                     max_guidance_scale=2.5)
     with torch.no_grad():
@@ -165,7 +159,7 @@ def test_per_frame_control_equals_the_official_injection_on_the_conditional_half
 
 
 def test_windows_with_control_equal_the_official_windowed_loop(pipe, reference):
-    module = svd_control()
+    module = tiny_svd_controlnext(1)
     ours = generate(controlled(pipe, module), reference, control_frames=poses(7), frames_per_window=4, overlap=2,
                     min_guidance_scale=2.0, max_guidance_scale=2.0)
     with torch.no_grad():
@@ -186,7 +180,7 @@ def unet_outputs(pipeline, pipe, image, **kwargs):
 
 
 def test_control_acts_on_the_conditional_half_only(pipe, reference):
-    with_control = unet_outputs(controlled(pipe, svd_control()), pipe, reference, control_frames=poses(4))
+    with_control = unet_outputs(controlled(pipe, tiny_svd_controlnext(1)), pipe, reference, control_frames=poses(4))
     without = unet_outputs(pipe, pipe, reference, num_frames=4)
     assert torch.equal(with_control[0], without[0])  # unconditional: zero image embeddings and latents, no control
     assert not torch.allclose(with_control[1], without[1], atol=1e-4)
@@ -194,7 +188,7 @@ def test_control_acts_on_the_conditional_half_only(pipe, reference):
 
 def test_scale_zero_equals_the_base_pipeline(pipe, reference):
     expected = generate(pipe, reference, num_frames=4, output_type="pt")
-    got = generate(controlled(pipe, svd_control(), scale=0.0), reference, control_frames=poses(4), output_type="pt")
+    got = generate(controlled(pipe, tiny_svd_controlnext(1), scale=0.0), reference, control_frames=poses(4), output_type="pt")
     assert torch.equal(got, expected)
 
 
@@ -202,7 +196,7 @@ def test_control_frames_may_be_images_of_another_size(pipe, reference):
     """Pose images are covered and centre-cropped to the video size, as every condition is."""
     images = [Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).astype("uint8")).resize((96, 96))
               for frame in poses(4)]
-    frames = generate(controlled(pipe, svd_control()), reference, control_frames=images)
+    frames = generate(controlled(pipe, tiny_svd_controlnext(1)), reference, control_frames=images)
     assert frames.shape == (1, 4, 4, SIZE // 8, SIZE // 8)
 
 
