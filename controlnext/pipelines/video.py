@@ -132,7 +132,9 @@ class ControlledVideoPipeline:
         self.controls = list(controls)
         device = pipe._execution_device
         for control in self.controls:
-            control.model.to(device=device, dtype=pipe.unet.dtype)
+            if control.model.dtype != pipe.unet.dtype:
+                control.model.to(pipe.unet.dtype)
+            control.model.to(device)
             if fuse_unet_weights and control.unet_weights:
                 fuse_weights(pipe.unet, control.unet_weights)
                 control.unet_weights = None
