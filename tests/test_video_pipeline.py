@@ -138,6 +138,8 @@ def test_a_condition_count_that_does_not_match_the_frames_gives_one_line(pipe, r
         generate(controlled, reference, control_frames=poses(5), num_frames=4)
     with pytest.raises(ControlNextError, match="1 control\\(s\\) loaded but 0 condition sequence"):
         generate(controlled, reference)
+    with pytest.raises(ControlNextError, match=r"must be \(frames, 3, 64, 64\), the video's size, not \(4, 3, 32, 32\)"):
+        generate(controlled, reference, control_frames=torch.zeros(4, 3, 32, 32))
 
 
 # -- per-frame control ------------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def _sequences(control_frames, n: int) -> list[list]:
     """One sequence of condition frames per control (a single sequence may be given bare for one control)."""
     if control_frames is None:
         sequences = []
-    elif isinstance(control_frames, torch.Tensor) or _is_frame(control_frames[0]):
+    elif isinstance(control_frames, torch.Tensor) or (len(control_frames) and _is_frame(control_frames[0])):
         sequences = [control_frames]
     else:
         sequences = list(control_frames)
@@ -292,7 +292,8 @@ def _is_frame(item) -> bool:
 
 
 def _condition_tensor(sequence, width: int, height: int, model: nn.Module) -> torch.Tensor:
-    """Condition frames (images, paths or a (frames, 3, H, W) tensor in [0, 1]) -> (frames, 3, height, width)."""
+    """Condition frames (images or paths of any size, or a (frames, 3, height, width) tensor in [0, 1]) ->
+    (frames, 3, height, width): images are covered and centre-cropped to the video size, as every condition is."""
     if isinstance(sequence, torch.Tensor):
         frames = sequence
     else:
@@ -303,11 +304,9 @@ def _condition_tensor(sequence, width: int, height: int, model: nn.Module) -> to
                                    "; give frames of one size")
         frames = torch.stack([item if isinstance(item, torch.Tensor) else
                               prepare_condition(item, width, height) for item in items])
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise ControlNextError(f"condition frames must be RGB, (frames, 3, H, W); got {tuple(frames.shape)}")
-    if tuple(frames.shape[-2:]) != (height, width):
-        frames = torch.nn.functional.interpolate(frames.float(), size=(height, width), mode="bilinear",
-                                                 align_corners=False)
+    if frames.ndim != 4 or frames.shape[1] != 3 or tuple(frames.shape[-2:]) != (height, width):
+        raise ControlNextError(f"condition frames given as a tensor must be (frames, 3, {height}, {width}), the "
+                               f"video's size, not {tuple(frames.shape)}; images of any size are covered and cropped")
     return frames.to(device=model.device, dtype=model.dtype)
 
 
