@@ -98,14 +98,15 @@ class PoseSequence:
 
 
 def mediapipe_detector(hands: bool = True, face: bool = True, **options) -> Detector:
-    """The bundled offline detector (mediapipe, extra `pose`): one person per frame, the most prominent."""
+    """The bundled offline detector (mediapipe, extra `pose`): the most prominent person of each frame, found in
+    the whole frame (a driving video's dancer fills it; the finer search for small people costs every frame)."""
     from .mediapipe_pose import detect_people
 
-    return partial(detect_people, hands=hands, face=face, **options)
+    return partial(detect_people, hands=hands, face=face, **{"max_people": 1, "min_person": 0.3, **options})
 
 
 def detect_sequence(frames: Sequence[Image.Image], detect: Detector, progress: bool = False) -> list[list[PersonKeypoints]]:
-    """The people of each frame (the first, most prominent one kept)."""
+    """The person of each frame (the first the detector gives: mediapipe_detector's is the most prominent)."""
     from tqdm.auto import tqdm
 
     return [detect(to_rgb(frame))[:1] for frame in tqdm(frames, desc="poses", disable=not progress, leave=False)]

@@ -93,7 +93,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import quiet_loading_bars
     from ..video_generation import conditions, generate_video, save_video
+
+    if not args.debug:
+        quiet_loading_bars()
 
     request = request_from(args)
     prepared = conditions(request, progress=not args.no_progress)
