@@ -256,7 +256,7 @@ def load_video_base(source: str | Path, *, device: str = "cpu", dtype: torch.dty
     else:
         raise ControlNextError(f"base model not found: {source} (give a diffusers folder or a model id)")
     try:
-        pipe = StableVideoDiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, local_files_only=local_only,
+        pipe = StableVideoDiffusionPipeline.from_pretrained(str(source), dtype=dtype, local_files_only=local_only,
                                                             cache_dir=cache_dir)
     except (OSError, ValueError) as error:
         if local_only and not path.exists():
