@@ -23,17 +23,19 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 16, sample_size: int = 8
     return UNet2DConditionModel(**config).eval()
 
 
-def tiny_svd_unet(seed: int = 0):
+def tiny_svd_unet(seed: int = 0, **overrides):
     """A two-level UNetSpatioTemporalConditionModel (channels 32, 64: its group norms take 32 groups)."""
     from diffusers import UNetSpatioTemporalConditionModel
 
     torch.manual_seed(seed)
-    return UNetSpatioTemporalConditionModel(
+    config = dict(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
         up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), cross_attention_dim=16,
         num_attention_heads=2, addition_time_embed_dim=4, projection_class_embeddings_input_dim=3 * 4,
-    ).eval()
+    )
+    config.update(overrides)
+    return UNetSpatioTemporalConditionModel(**config).eval()
 
 
 def tiny_sd3_transformer(seed: int = 0):
@@ -62,6 +64,13 @@ def tiny_controlnext(seed: int = 0, out_channels: int = 8, **overrides):
     with torch.no_grad():  # random init leaves the last conv near zero; make control visible in tests
         model.mid_convs[1].weight.normal_(0, 0.5)
     return model
+
+
+def tiny_svd_controlnext(seed: int = 0, out_channels: int = 32):
+    """`tiny_controlnext` joined as the SVD-v2 control joins: after down_blocks[0], normalise then pool, eps 1e-5,
+    times 0.2; 32 channels for `tiny_svd_unet`."""
+    return tiny_controlnext(seed, out_channels=out_channels, injection="down_blocks.0", pool_before_norm=False,
+                            output_scale=0.2, cross_norm_eps=1e-5)
 
 
 def byte_alphabet() -> list[str]:
@@ -192,3 +201,48 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
                                        steps_offset=1, timestep_spacing="leading")
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                 tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+
+
+def tiny_svd_components(seed: int = 0, num_frames: int = 6) -> dict:
+    """The parts of a StableVideoDiffusionPipeline at toy size, built as diffusers' own SVD tests build them:
+    `tiny_svd_unet` taking image latents, a temporal-decoder VAE (8x), a CLIP vision encoder, an EDM Euler
+    scheduler (v-prediction, Karras sigmas)."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    # noise and image latents side by side: 8 input channels
+    unet = tiny_svd_unet(seed, in_channels=8, num_attention_heads=(2, 4), num_frames=num_frames)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
+        layers_per_block=1,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+        intermediate_size=32, patch_size=32,
+    )).eval()
+    feature_extractor = CLIPImageProcessor(crop_size=32, size=32)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+    )
+    return dict(unet=unet, vae=vae, image_encoder=image_encoder, feature_extractor=feature_extractor,
+                scheduler=scheduler)
+
+
+def tiny_svd_pipeline(seed: int = 0, num_frames: int = 6):
+    """A StableVideoDiffusionPipeline of `tiny_svd_components` (64 x 64 frames), progress bar off."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    pipe = StableVideoDiffusionPipeline(**tiny_svd_components(seed, num_frames))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_svd_pipeline(folder: str | Path, seed: int = 0, num_frames: int = 6) -> Path:
+    """Write a tiny random StableVideoDiffusionPipeline in diffusers format to `folder`."""
+    folder = Path(folder)
+    tiny_svd_pipeline(seed, num_frames).save_pretrained(folder)
+    return folder

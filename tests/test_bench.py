@@ -82,3 +82,29 @@ def test_cli_parser_and_bad_resolution():
     assert args.resolution == [256, 512] and args.rounds == 2 and args.run is bench.run
     with pytest.raises(ControlNextError, match="multiple of 64"):
         run_benchmarks([100], log=lambda *_: None)
+
+
+def test_video_flops_count_the_control_once_per_window():
+    """The SVD benchmark's counting on tiny parts: the control adds its module once, less on later steps."""
+    import torch
+
+    from controlnext.bench.report import render_markdown
+    from controlnext.bench.video import VideoStep, count_video_flops
+    from controlnext.testing import tiny_svd_components, tiny_svd_controlnext
+
+    unet = tiny_svd_components(num_frames=3)["unet"]
+    module = tiny_svd_controlnext()
+    g = torch.Generator().manual_seed(0)
+    step = VideoStep(unet, module, torch.randn(2, 3, 8, 8, 8, generator=g), torch.tensor(1.0),
+                     torch.randn(2, 1, 16, generator=g), torch.tensor([[6.0, 127.0, 0.02]] * 2),
+                     torch.rand(3, 3, 64, 64, generator=g), (64, 64))
+    flops = count_video_flops(step)
+    assert flops["controlled_first_step"] > flops["controlled"] > flops["base"] > 0
+    assert flops["controlled"] - flops["base"] == flops["module"] - flops["module_stem"]  # the stem is reused
+    assert flops["module_both_halves"] == 2 * flops["module"]
+    timing = {"median": {"base": 1.0, "module": 0.03, "controlled": 1.03}, "module_share": 0.03, "step_overhead": 0.03,
+              "repeats": 2, "warmup": 1, "threads": 1}
+    machine = {"cpu": "cpu", "cpu_count": 2, "load_average": [1.0], "versions": {"torch": "2"}}
+    text = render_markdown({"video": {"frames": 3, "size": [64, 64], "flops": flops, "time_size": [64, 64],
+                                      "time_frames": 3, "time_flops": flops, "timing": timing, "machine": machine}})
+    assert "## Pose control on a video denoising step" in text and "| 3.00% | +3.00% |" in text

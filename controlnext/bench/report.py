@@ -44,7 +44,7 @@ def machine_info() -> dict:
 
 def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None,
                    training_cost: dict | None = None, convergence: dict | None = None,
-                   generation: dict | None = None, gpu: dict | None = None) -> dict:
+                   generation: dict | None = None, gpu: dict | None = None, video: dict | None = None) -> dict:
     """Merge new results into the JSON file at `path` and return all.
 
     One overhead entry per resolution, one training-cost entry per architecture and resolution, one
@@ -67,6 +67,8 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
         results["generation"] = generation
     if gpu is not None:
         results["gpu"] = gpu
+    if video is not None:
+        results["video"] = video
     path.write_text(json.dumps(results, indent=1))
     return results
 
@@ -96,6 +98,8 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
         lines += _overhead_tables(runs)
     if results.get("generation"):
         lines += _generation_table(results["generation"])
+    if results.get("video"):
+        lines += _video_tables(results["video"])
     if results.get("training_cost"):
         lines += _training_cost_table(list(results["training_cost"].values()))
     if results.get("convergence"):
@@ -155,6 +159,35 @@ def _generation_table(entry: dict) -> list[str]:
     machine = entry["machine"]
     return lines + ["", f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, load average "
                     f"{machine['load_average']}; {_versions(machine)}.", ""]
+
+
+def _video_tables(entry: dict) -> list[str]:
+    flops, timing, small = entry["flops"], entry["timing"], entry["time_flops"]
+    (height, width), (time_height, time_width) = entry["size"], entry["time_size"]
+    lines = ["## Pose control on a video denoising step (Stable Video Diffusion)", "",
+             f"SVD-XT UNet (`UNetSpatioTemporalConditionModel`, the public config), one window of {entry['frames']} "
+             "frames under classifier-free guidance (2 x frames rows), with the SVD-v2 release module attached as "
+             "`controlnext video` attaches it: once per window for the frames (both halves see the same poses; the "
+             "unconditional half gets scale 0), its timestep-free stem computed once per condition. The official "
+             "pipeline runs the module on both halves (last column). With several windows the module keeps one "
+             "condition's stem, so each window call pays the first-step figure. `controlnext bench --video`.", "",
+             "| size | base step | with control | first step | module (once) | stem (once) | module on both halves |",
+             "|---|---|---|---|---|---|---|"]
+    for (h, w), f in (((height, width), flops), ((time_height, time_width), small)):
+        lines.append(f"| {h}x{w}, {entry['frames'] if f is flops else entry['time_frames']} frames | "
+                     f"{f['base'] / 1e12:.2f} TFLOP | {f['overhead']:+.2%} | {f['overhead_first_step']:+.2%} | "
+                     f"{f['module'] / 1e9:.1f} GFLOP | {f['module_stem'] / 1e9:.1f} GFLOP | "
+                     f"{f['overhead_both_halves']:+.2%} |")
+    machine = entry["machine"]
+    rounds = f"{timing['repeats']} rounds after {timing['warmup']} warm-up"
+    lines += ["", f"CPU time (this process, random fp32 weights, {timing['threads']} torch thread(s), {rounds}) at "
+              f"{time_height}x{time_width}, {entry['time_frames']} frames, medians:", "",
+              "| base step | module call | module / base step | step with control |", "|---|---|---|---|",
+              f"| {timing['median']['base']:.2f} s | {timing['median']['module']:.3f} s | {timing['module_share']:.2%} | "
+              f"{timing['step_overhead']:+.2%} |", "",
+              f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, load average {machine['load_average']}; "
+              f"{_versions(machine)}.", ""]
+    return lines
 
 
 def _training_cost_table(entries: list[dict]) -> list[str]:

@@ -75,6 +75,21 @@ def run_benchmarks(
     return results
 
 
+def run_video_benchmark(frames: int = 14, time_size: tuple[int, int] = (64, 112), rounds: int = 2,
+                        threads: int | None = 1, results_path: str | Path = "BENCHMARKS.json",
+                        output_path: str | Path = "BENCHMARKS.md", command: str = "controlnext bench", log=print) -> dict:
+    """The cost of pose control on an SVD-XT step: printed, merged into `results_path`, rendered into the report."""
+    from .report import machine_info, render_markdown, update_results
+    from .video import measure_video
+
+    machine = machine_info()
+    entry = measure_video(frames=frames, time_size=time_size, time_frames=frames, repeats=rounds, threads=threads,
+                          log=log)
+    results = update_results(results_path, video={**entry, "machine": machine})
+    Path(output_path).write_text(render_markdown(results, command))
+    return results
+
+
 def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
                               results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
                               plots_dir: str | Path | None = None, command: str = "controlnext bench", log=print) -> dict:

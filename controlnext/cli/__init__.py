@@ -15,7 +15,7 @@ import sys
 
 from ..errors import ControlNextError
 
-SUBCOMMANDS = ["generate", "annotate", "train", "serve", "bench"]
+SUBCOMMANDS = ["generate", "video", "annotate", "train", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parent.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="controlnext",
-        description="Controllable image generation with ControlNeXt and ControlNet.",
+        description="Controllable image and video generation with ControlNeXt and ControlNet.",
         parents=[parent],
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

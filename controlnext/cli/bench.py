@@ -24,6 +24,12 @@ def add_parser(subparsers, parent) -> None:
     parser.add_argument("--training-steps", type=int, default=3, help="timed training steps per method (default: 3)")
     parser.add_argument("--no-generation", dest="generation", action="store_false",
                         help="skip timing a whole generation of the embedded default model")
+    video = parser.add_argument_group("video (--video)")
+    video.add_argument("--video", action="store_true", help="the cost of pose control on a Stable Video Diffusion "
+                       "step instead: FLOPs at 576x1024 (meta device) and CPU time at a size that fits")
+    video.add_argument("--video-frames", type=int, default=14, help="frames in a window (default: 14)")
+    video.add_argument("--video-time-size", default="64x112", metavar="HxW",
+                       help="size of the CPU timing, which needs the 1.5B-parameter UNet in memory (default: 64x112)")
     group = parser.add_argument_group("convergence (--convergence)")
     group.add_argument("--convergence", action="store_true",
                        help="train ControlNeXt and ControlNet on the shapes world and compare fidelity against steps")
@@ -60,6 +66,17 @@ def run(args) -> int:
         from . import quiet_loading_bars
 
         quiet_loading_bars()
+    if args.video:
+        from ..bench.suite import run_video_benchmark
+
+        height, _, width = args.video_time_size.lower().partition("x")
+        if not (height.isdigit() and width.isdigit() and int(height) % 8 == 0 and int(width) % 8 == 0):
+            raise ControlNextError(f"--video-time-size {args.video_time_size!r} must be HxW, multiples of 8")
+        if args.video_frames < 1:
+            raise ControlNextError(f"--video-frames must be positive, not {args.video_frames}")
+        run_video_benchmark(args.video_frames, (int(height), int(width)), rounds=args.rounds or 2,
+                            threads=args.threads, results_path=args.results, output_path=args.output)
+        return 0
     if args.convergence:
         import torch
 

@@ -219,7 +219,8 @@ class ControlAttachment:
         call = read_call(self._entry, module, args, kwargs)
         timestep = call.timestep
         # one timestep for the batch is known without reading the values (no device sync; meta tensors work)
-        same_t = timestep.numel() == 1 or bool((timestep == timestep[0]).all())
+        given = call.inputs[self._entry.timestep]  # as passed: read_call has expanded a single one to the batch
+        same_t = torch.as_tensor(given).numel() == 1 or bool((timestep == timestep[0]).all())
         timestep = timestep.expand(call.items) if timestep.numel() == 1 else timestep  # (items,)
         fraction, next_fraction = self._schedule_position(timestep)
 

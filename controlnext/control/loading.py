@@ -221,6 +221,24 @@ def _find(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((folder / name for name in names if (folder / name).is_file()), None)
 
 
+def _find_named(folder: Path, word: str, other: str) -> Path | None:
+    """The one weights file whose name contains `word` but not `other`: converted releases keep their own
+    names (e.g. controlnext-svd_v2-controlnet-fp16.safetensors beside controlnext-svd_v2-unet-fp16.safetensors)."""
+    found = [p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", *PICKLE_SUFFIXES)
+             and word in p.name.lower() and other not in p.name.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def release_module_file(folder: Path) -> Path | None:
+    """The module file of an official release folder: a release name, else the one file naming "controlnet"."""
+    return _find(folder, MODULE_FILES) or _find_named(folder, "controlnet", "unet")
+
+
+def release_unet_file(folder: Path) -> Path | None:
+    """The UNet file of an official release folder: a release name, else the one file naming "unet"."""
+    return _find(folder, UNET_FILES) or _find_named(folder, "unet", "controlnet")
+
+
 def load_controlnext(
     path: str | Path,
     unet=None,
@@ -244,7 +262,7 @@ def load_controlnext(
     recorded = _read_control_json(path) if path.is_dir() else {}
     ours = path.is_dir() and (path / "config.json").is_file()
     if unet_file is None and path.is_dir():
-        unet_file = _find(path, ("unet.safetensors",) if ours else UNET_FILES)
+        unet_file = _find(path, ("unet.safetensors",)) if ours else release_unet_file(path)
     unet_file = Path(unet_file) if unet_file is not None else None
     weights = read_tensors(unet_file, allow_pickle) if unet_file is not None else {}
     if ours:
@@ -254,7 +272,7 @@ def load_controlnext(
         except (OSError, ValueError, RuntimeError) as error:
             raise ControlNextError(f"cannot load the ControlNeXt module in {path}: {str(error).splitlines()[0]}") from None
     else:
-        module_file = path if path.is_file() else _find(path, MODULE_FILES)
+        module_file = path if path.is_file() else release_module_file(path)
         if module_file is None:
             raise ControlNextError(f"no ControlNeXt module in {path}; expected config.json or one of {', '.join(MODULE_FILES)}")
         tensors = read_tensors(module_file, allow_pickle)

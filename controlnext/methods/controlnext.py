@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..control.attach import check_fits
-from ..control.loading import MODULE_FILES, PICKLE_SUFFIXES, load_controlnext, save_controlnext, tensor_names
+from ..control.loading import PICKLE_SUFFIXES, load_controlnext, release_module_file, save_controlnext, tensor_names
 from ..denoisers import family, find_site, site_width
 from ..errors import ControlNextError
 from ..models import VARIANTS, ControlNeXtModel
@@ -22,6 +22,9 @@ from . import ControlMethod, register
 # Per family, where the official code adds the control and which base weights its recipe trains.
 DEFAULT_SITES = {"sd": "down_blocks.0", "sdxl": "conv_in", "svd": "down_blocks.0"}
 TRAINABLE = {"sd": "sd15", "sdxl": "sdxl"}
+# A family whose official code joins the features its own way starts from that layout (its width follows the base):
+# SVD-v2's training code normalises, then pools, with eps 1e-5, times 0.2.
+FAMILY_LAYOUTS = {"svd": {k: v for k, v in VARIANTS["svd-training"].items() if k != "out_channels"}}
 
 
 def detect(path: Path) -> bool:
@@ -30,7 +33,7 @@ def detect(path: Path) -> bool:
         config = path / "config.json"
         if config.is_file() and json.loads(config.read_text()).get("_class_name") == ControlNeXtModel.__name__:
             return True
-        return any((path / name).is_file() for name in MODULE_FILES)
+        return release_module_file(path) is not None
     if path.suffix in PICKLE_SUFFIXES:
         return True  # the official releases ship pickled modules; reading them needs the explicit opt-in
     names = tensor_names(path) or []
@@ -61,9 +64,9 @@ def build(denoiser: nn.Module, config, vae_scale_factor: int = 8) -> ControlNeXt
         model = ControlNeXtModel.from_variant(config.module_variant)
         source = f"--module-variant {config.module_variant}"
     else:
-        sizes = parse_module_config(config.module_config)
+        kind = family(denoiser)
+        sizes = {**FAMILY_LAYOUTS.get(kind, {}), **parse_module_config(config.module_config)}
         if "injection" not in sizes:
-            kind = family(denoiser)
             if kind not in DEFAULT_SITES:
                 raise ControlNextError(f"no default injection site for a {kind} base; give \"injection\" in "
                                        "--module-config")

@@ -72,7 +72,15 @@ def load_training_base(source: str | Path | None) -> BaseModel:
     from diffusers import DDPMScheduler
 
     from ..pipelines.base import load_base
+    from .video import is_video_base
 
+    if is_video_base(source):  # Stable Video Diffusion: a CLIP image encoder instead of text encoders
+        from ..pipelines.video import load_video_base
+
+        pipe = load_video_base(source, device="cpu", dtype=torch.float32)
+        for module in (pipe.unet, pipe.vae, pipe.image_encoder):
+            module.requires_grad_(False).eval()
+        return BaseModel(Path(str(source)), pipe, pipe.unet, pipe.vae, [pipe.image_encoder], pipe.scheduler)
     pipe = load_base(source or None, device="cpu", dtype=torch.float32)
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     denoiser = denoisers.pipeline_denoiser(pipe)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ControlNextError
 
-SELECTION_PRESETS = ("auto", "sd15", "sdxl", "spaced", "none")
+SELECTION_PRESETS = ("auto", "sd15", "sdxl", "spaced", "all", "none")
 
 
 def option(default, help: str, *, resume: bool = False, choices: tuple | None = None, required: bool = False):
@@ -34,8 +34,9 @@ class TrainConfig:
 
     # -- base model and control -------------------------------------------------------------------
     base: str = option("", "base model: a local diffusers folder (StableDiffusionPipeline or StableDiffusionXLPipeline "
-                       "layout: unet, vae, text_encoder, tokenizer, scheduler), a model id in the offline Hugging "
-                       "Face cache or a single .safetensors file (default: the embedded default model)")
+                       "layout: unet, vae, text_encoder, tokenizer, scheduler; or a StableVideoDiffusionPipeline, "
+                       "which trains on videos), a model id in the offline Hugging Face cache or a single "
+                       ".safetensors file (default: the embedded default model)")
     method: str = option("controlnext", "control method to train: a method registered in controlnext.methods "
                          "(built in: controlnext, controlnet)", resume=True)
     module_variant: str | None = option(None, "build the control module as a named official layout (sdxl, sd15, "
@@ -47,7 +48,8 @@ class TrainConfig:
                                       "instead of a freshly initialised module", resume=True)
     trainable: list[str] = option(["auto"], "base UNet weights to train besides the module: presets (auto: sdxl for "
                                   "an SDXL base, else sd15; sd15: names containing to_out; sdxl: .*attn2.*to_out.*; "
-                                  "spaced: to_out of every k-th transformer block; none: module only) and/or "
+                                  "spaced: to_out of every k-th transformer block; all: the whole UNet, as the "
+                                  "official SVD recipe; none: module only) and/or "
                                   "regular expressions searched in parameter names", resume=True)
     spaced_every: int = option(2, "with --trainable spaced: train the attention outputs of every k-th transformer "
                                "block, counted from the first", resume=True)
@@ -57,7 +59,9 @@ class TrainConfig:
     # -- data -----------------------------------------------------------------------------------------
     data: str = option("", "training data: a folder with metadata.jsonl; a Hugging Face dataset folder "
                        "(save_to_disk) or parquet file(s) or a folder of them (fill50k layout); or the name of a "
-                       "generated data set (controlnext.training.data.GENERATED_DATA)", required=True)
+                       "generated data set (controlnext.training.data.GENERATED_DATA). For a video base: a folder "
+                       "with videos/ and poses/ (one pose video or frame folder per video, same name), or with "
+                       "metadata.jsonl rows {\"video\": ..., \"conditioning_video\": ...}", required=True)
     image_column: str = option("image", "column with the target image (a path relative to the data folder, or an "
                                "image in a Hugging Face dataset)", resume=True)
     conditioning_image_column: str = option("conditioning_image", "column with the condition image", resume=True)
@@ -70,6 +74,15 @@ class TrainConfig:
     empty_prompt_ratio: float = option(0.1, "share of captions replaced by the empty prompt, so that classifier-free "
                                        "guidance works with the control", resume=True)
     num_workers: int = option(0, "data loading worker processes")
+    num_frames: int = option(14, "video bases: frames per training clip, the reference frame first (the official "
+                             "recipe: 14 to 21)", resume=True)
+    frame_stride: int = option(2, "video bases: take every k-th frame of a video into a clip", resume=True)
+    hand_loss_weight: float = option(4.2, "video bases: loss weight inside the hands' boxes where the poses come with "
+                                     "OpenPose JSON (as `controlnext annotate openpose` writes them; the release: "
+                                     "1 + 4 x 0.8); 1 weighs every pixel alike", resume=True)
+    conditioning_dropout: float = option(0.1, "video bases: with probability p the image embedding alone, p both, p "
+                                         "the image latents alone are dropped (zeroed), so that classifier-free "
+                                         "guidance works", resume=True)
 
     # -- optimisation ---------------------------------------------------------------------------------
     max_steps: int = option(1000, "optimizer steps to train for (a resumed run continues up to this step)")
@@ -135,6 +148,12 @@ class TrainConfig:
         if self.resolution % 8:
             raise ControlNextError(f"--resolution {self.resolution} is not a multiple of 8; pass e.g. "
                                    f"{max(8, round(self.resolution / 8) * 8)}")
+        if not 0 <= self.conditioning_dropout <= 1 / 3:
+            raise ControlNextError(f"--conditioning-dropout must lie in [0, 1/3], not {self.conditioning_dropout}")
+        if self.hand_loss_weight < 0:
+            raise ControlNextError(f"--hand-loss-weight must not be negative, not {self.hand_loss_weight}")
+        if self.num_frames < 2 or self.frame_stride < 1:
+            raise ControlNextError("--num-frames must be at least 2 and --frame-stride at least 1")
         if not 0 <= self.empty_prompt_ratio <= 1:
             raise ControlNextError(f"--empty-prompt-ratio must lie in [0, 1], not {self.empty_prompt_ratio}")
         if self.module_variant and self.module_config:

@@ -17,6 +17,7 @@ from ..errors import ControlNextError
 PRESETS: dict[str, list[str]] = {
     "sd15": [r"to_out"],
     "sdxl": [r".*attn2.*to_out.*"],
+    "all": [r"."],  # every parameter: the official SVD-v2 recipe trains the whole UNet
     "none": [],
 }
 

@@ -29,6 +29,7 @@ from .data import ControlDataset, derive_seed, make_loader, open_source
 from .monitor import TrainingLog, progress_bar
 from .selection import describe_counts, resolve_patterns, select_parameters
 from .validation import fidelity, generate, image_grid, resolve_metric, validation_set
+from .video import VideoClips, is_video_base, validate_video, validation_clip, video_loss
 
 LOW_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,12 +41,13 @@ class ControlledUNet(nn.Module):
         super().__init__()
         self.unet, self.control, self.scale = unet, control, scale
 
-    def forward(self, sample, timestep, encoder_hidden_states, condition, added_cond_kwargs=None) -> torch.Tensor:
-        """Latents (b, 4, h, w), timesteps, text (b, tokens, d), condition (b, 3, H, W) -> prediction (b, 4, h, w)."""
+    def forward(self, sample, timestep, encoder_hidden_states, condition, **unet_kwargs) -> torch.Tensor:
+        """Latents (b, 4, h, w), timesteps, text (b, tokens, d), condition (b, 3, H, W) -> prediction (b, 4, h, w).
+
+        A video UNet takes (b, frames, c, h, w) latents and one condition per frame, (b * frames, 3, H, W)."""
         unit = ControlUnit(self.control, condition, scale=self.scale, name="training")
         with attach_control(self.unet, unit, cfg=False):  # attached for this call only: the base stays unhooked
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                             return_dict=False)[0]
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
 
 
 def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: TrainConfig,
@@ -69,7 +71,7 @@ def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: Train
         target = latents
     else:
         raise ControlNextError(f"the base scheduler predicts {base.prediction_type!r}, which training does not support")
-    prediction = model(noisy, timesteps, hidden, batch["conditioning"].to(device), added)  # (b, 4, h, w)
+    prediction = model(noisy, timesteps, hidden, batch["conditioning"].to(device), added_cond_kwargs=added)
     return F.mse_loss(prediction.float(), target.float())
 
 
@@ -105,7 +107,8 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         self.config = config.validate(needs_data=examples is None)
-        self.metric = resolve_metric(config.validation_metric) if config.validation_every else None
+        self.video = is_video_base(config.base)  # Stable Video Diffusion: video clips, the release's objective
+        self.metric = resolve_metric(config.validation_metric) if config.validation_every and not self.video else None
         if config.method not in METHODS:
             raise ControlNextError(f"unknown --method {config.method!r}; known: {', '.join(METHODS)}")
         self.method: ControlMethod = METHODS[config.method]
@@ -121,7 +124,14 @@ class Trainer:
         if config.resume == "latest" and self.resume_from is None:
             acc.print(f"no checkpoint in {self.output}: starting a new run")
 
-        self.dataset = ControlDataset(open_source(config, examples), config.resolution, config.annotator)
+        if self.video:
+            if examples is not None:
+                raise ControlNextError("a video base trains on a folder of videos (--data); examples in Python are "
+                                       "images")
+            self.dataset = VideoClips(config)
+        else:
+            self.dataset = ControlDataset(open_source(config, examples), config.resolution, config.annotator)
+        self.loss = video_loss if self.video else diffusion_loss
         self.base = load_training_base(config.base)
         self.control, init_weights = self._build_control()
         self._select_trainable(init_weights)
@@ -238,7 +248,9 @@ class Trainer:
         metric = self.metric
         log = TrainingLog(self.output, metric[0] if metric else None, self.step if self.resume_from else None,
                           config.tensorboard, enabled=main)
-        validation = validation_set(config, self.dataset) if config.validation_every else None
+        validation = None
+        if config.validation_every:
+            validation = validation_clip(self.dataset) if self.video else validation_set(config, self.dataset)
         loader = make_loader(self.dataset, config, acc.process_index, acc.num_processes, self.examples_seen,
                              pin_memory=acc.device.type == "cuda")
         batches = iter(loader)
@@ -282,7 +294,7 @@ class Trainer:
             micro_step = self.step * config.gradient_accumulation_steps + micro
             generator = torch.Generator().manual_seed(derive_seed(config.seed, acc.process_index, micro_step))
             with acc.accumulate(self.prepared):
-                loss = diffusion_loss(self.prepared, self.base, batch, config, generator, acc.device)
+                loss = self.loss(self.prepared, self.base, batch, config, generator, acc.device)
                 acc.backward(loss)
                 if acc.sync_gradients and config.max_grad_norm > 0:
                     norm = acc.clip_grad_norm_(self.trainable, config.max_grad_norm)  # None under DeepSpeed
@@ -301,6 +313,12 @@ class Trainer:
             return None
         model = acc.unwrap_model(self.prepared)
         model.eval()
+        if self.video:  # a short video of the first clip's reference and poses; no fidelity metric for video yet
+            with acc.autocast():
+                validate_video(self.base, model.control, validation, self.output / "validation", self.step,
+                               steps=self.config.validation_sampling_steps, seed=self.config.seed, scale=model.scale)
+            model.train()
+            return None
         with acc.autocast():
             images = generate(self.base, model.control, validation.conditions, validation.prompts,
                               steps=self.config.validation_sampling_steps, guidance_scale=self.config.guidance_scale,

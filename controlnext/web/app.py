@@ -33,6 +33,19 @@ def tiny_demo_models(folder: Path) -> tuple[Path, Path]:
     return base, control
 
 
+def tiny_demo_video_models(folder: Path) -> tuple[Path, Path]:
+    """Write a tiny random Stable Video Diffusion model and pose control (once) and return their folders."""
+    from ..control.loading import save_controlnext
+    from ..testing import save_tiny_svd_pipeline, tiny_svd_controlnext
+
+    base, control = folder / "tiny-random-video-base", folder / "tiny-random-video-control"
+    if not (base / "model_index.json").is_file():
+        save_tiny_svd_pipeline(base, num_frames=4)
+    if not (control / "control.json").is_file():
+        save_controlnext(control, tiny_svd_controlnext(seed=3))
+    return base, control
+
+
 def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = None):
     """The FastAPI app of `controlnext serve`; `app.state` holds its engine, worker and catalog."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline first: no calls home
@@ -81,7 +94,12 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
 
     output_dir = Path(config.output_dir or tempfile.mkdtemp(prefix="controlnext-web-"))
     output_dir.mkdir(parents=True, exist_ok=True)
-    ui = build_ui(engine, worker, catalog, output_dir, units=config.ui_units)
+    video_base, video_controls = config.video_base, list(config.video_control)
+    if config.tiny_demo and not video_base:
+        video_base, control = tiny_demo_video_models(Path(tempfile.gettempdir()) / "controlnext-tiny-demo")
+        video_controls.append(str(control))
+    ui = build_ui(engine, worker, catalog, output_dir, units=config.ui_units,
+                  video=(str(video_base), video_controls) if video_base else None)
     ui.queue(max_size=config.queue_size, default_concurrency_limit=1)
     return gr.mount_gradio_app(
         app, ui, path="/", allowed_paths=[str(output_dir)], max_file_size=int(config.max_body_mb * 1e6),

@@ -19,10 +19,14 @@ class WebConfig:
                             default_factory=list)
     control: list[str] = _help("a control folder to offer (repeatable)", default_factory=list)
     lora: list[str] = _help("a LoRA .safetensors file to offer (repeatable)", default_factory=list)
+    video_base: str | None = _help("a Stable Video Diffusion base for the Video tab: diffusers folder or cached "
+                                   "model id", default=None)
+    video_control: list[str] = _help("a ControlNeXt video (pose) control for the Video tab (repeatable)",
+                                     default_factory=list)
     hide_embedded: bool = _help("do not offer the models shipped in the package (default base, its controls)",
                                 default=False)
-    tiny_demo: bool = _help("also offer a tiny random model written to a temporary folder (shows the app working "
-                            "without any weights; its images are noise)", default=False)
+    tiny_demo: bool = _help("also offer a tiny random model (and a tiny random video model) written to a temporary "
+                            "folder (shows the app working without any weights; its images are noise)", default=False)
     device: str = _help("cpu, cuda, cuda:1, mps or auto", default="auto")
     dtype: str | None = _help("fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on GPU)", default=None)
     queue_size: int = _help("jobs that may wait or run at once; more are refused with 503 and Retry-After", default=8)

@@ -11,6 +11,8 @@ from PIL import Image
 from ..generation import GenerationResult, Progress, annotate_condition, generate, load_pipeline, pipeline_key
 from ..pipelines import ControlledPipeline
 from ..request import ControlSettings, GenerationRequest, LoraSettings
+from ..video_generation import (VideoConditions, VideoRequest, VideoResult, conditions, generate_video,
+                                load_video_pipeline)
 from .catalog import ModelCatalog
 from .schemas import GenerateRequest
 
@@ -36,6 +38,7 @@ class Engine:
         self.dtype = dtype
         self.cache_size = max(1, cache_size)
         self._pipelines: OrderedDict[tuple, ControlledPipeline] = OrderedDict()
+        self._video = None  # (base, control), the loaded ControlledVideoPipeline
 
     @property
     def loaded(self) -> int:
@@ -72,6 +75,27 @@ class Engine:
 
     def annotate(self, name: str, image: Image.Image, options: dict | None = None) -> Image.Image:
         return annotate_condition(name, image, options)
+
+    def video_request(self, **values) -> VideoRequest:
+        """A video request on the server's device and dtype, checked."""
+        return VideoRequest(**values, device=self.device, dtype=self.dtype).check()
+
+    def video_conditions(self, request: VideoRequest, reference: Image.Image | None = None) -> VideoConditions:
+        """The reference (uploaded, else the request's file) at the video size and the condition frames: poses
+        detected and retargeted, or given."""
+        return conditions(request, reference)
+
+    def generate_video(self, request: VideoRequest, prepared: VideoConditions | None = None) -> VideoResult:
+        """One video; the last video pipeline stays loaded (video models are large: one at a time)."""
+        def load(request: VideoRequest):
+            key = (request.base, request.control)
+            if self._video is None or self._video[0] != key:
+                self._video = None
+                gc.collect()
+                self._video = (key, load_video_pipeline(request))
+            return self._video[1]
+
+        return generate_video(request, prepared, load=load)
 
     def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerationResult:
         """Run one validated web request; image k uses seed + k, as `controlnext generate` does."""

@@ -1,4 +1,5 @@
-"""The gradio web UI: prompt, control units, sampling and LoRAs on the left, a gallery of results on the right."""
+"""The gradio web UI: prompt, control units, sampling and LoRAs on the left, a gallery of results on the right; a
+Video tab when a video base is served."""
 
 from __future__ import annotations
 
@@ -114,8 +115,25 @@ def slider(spec, step: float, label: str, elem_id: str | None = None, **override
     return gr.Slider(**{**options, **overrides})
 
 
-def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_dir: Path, units: int = 2) -> gr.Blocks:
-    """The web UI; every model call goes through `worker`, shared with the HTTP API."""
+def build_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_dir: Path, units: int = 2,
+             video: tuple[str, list[str]] | None = None) -> gr.Blocks:
+    """The web UI; every model call goes through `worker`, shared with the HTTP API. With `video` (a Stable Video
+    Diffusion base and its pose controls) the images and a Video tab stand side by side."""
+    images = image_ui(engine, worker, catalog, output_dir, units)
+    if video is None:
+        return images
+    from .video_ui import video_tab
+
+    with gr.Blocks(title="controlnext", analytics_enabled=False) as ui:
+        with gr.Tab("Images", id="images"):
+            images.render()
+        with gr.Tab("Video", id="video"):
+            video_tab(engine, worker, video[0], video[1], output_dir)
+    return ui
+
+
+def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_dir: Path, units: int = 2) -> gr.Blocks:
+    """Prompt, control units, sampling and LoRAs, and the gallery of generated images."""
     annotators = available_annotators()
     bases = [e.name for e in catalog.bases]
     with gr.Blocks(title="controlnext", analytics_enabled=False) as ui:
