@@ -30,6 +30,7 @@ class TinySD3Config:
     max_tokens: int = 32
     vae_channels: tuple[int, ...] = (32, 64, 64)  # latents at resolution / 2**(len - 1)
     latent_channels: int = 4
+    norm_groups: int = 8  # of the VAE
     patch_size: int = 2
     layers: int = 4
     heads: int = 2

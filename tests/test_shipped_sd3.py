@@ -1,0 +1,35 @@
+"""The shapes-world SD3 and its canny control, when shipped: small, loadable by diffusers, and following the edges.
+
+The floor sits well below the edge F1 measured by scripts/quality.py (figures in the README) and far above
+what the same model scores without control, on a few held-out scenes so that the check stays quick.
+"""
+
+import pytest
+
+from controlnext.control.loading import load_control
+from controlnext.evaluation import evaluate_control
+from controlnext.models.tiny_sd3 import SD3_BASE_MODEL_DIR
+from controlnext.pipelines import ControlledPipeline
+
+CONTROL = SD3_BASE_MODEL_DIR.with_name("sd3-controls") / "canny"
+FLOOR, UNCONTROLLED_CEILING = 0.3, 0.25
+
+pytestmark = pytest.mark.skipif(not (CONTROL / "control.json").is_file(),
+                                reason="the shapes-world SD3 is not shipped in this checkout")
+
+
+def test_shipped_sd3_is_small_and_a_diffusers_folder():
+    from controlnext.models.tiny_sd3 import load_sd3_base_pipeline
+
+    files = [p for folder in (SD3_BASE_MODEL_DIR, CONTROL) for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 6 * 2**20
+    assert type(load_sd3_base_pipeline()).__name__ == "StableDiffusion3Pipeline"
+
+
+def test_shipped_sd3_canny_control_follows_its_condition():
+    pipe = ControlledPipeline.from_pretrained(SD3_BASE_MODEL_DIR)
+    pipe = ControlledPipeline(pipe.pipe, [load_control(CONTROL, pipe.denoiser)])
+    scores = evaluate_control(pipe, "canny", count=8, steps=10, batch=8)
+    assert scores["controlled"] >= FLOOR, scores
+    assert scores["uncontrolled"] <= UNCONTROLLED_CEILING, scores
+    assert scores["controlled"] >= scores["uncontrolled"] + 0.15
