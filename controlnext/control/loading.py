@@ -25,7 +25,7 @@ from torch import nn
 
 from ..denoisers import family
 from ..errors import ControlNextError
-from ..models import VARIANTS, ControlNet, ControlNeXtModel
+from ..models import VARIANTS, ControlNet, ControlNeXtModel, SD3ControlNet
 from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
 from .attach import check_fits
 
@@ -353,9 +353,13 @@ def save_controlnext(
 # -- ControlNet ----------------------------------------------------------------------------------------
 
 def is_diffusers_controlnet(folder: Path) -> bool:
-    """True for a folder whose config.json is a diffusers ControlNetModel's."""
+    """True for a folder whose config.json is a diffusers ControlNetModel's or SD3ControlNetModel's."""
     config = folder / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetModel"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") in CONTROLNET_CLASSES
+
+
+# diffusers' ControlNet classes -> ours (the same network with the attach interface)
+CONTROLNET_CLASSES = {"ControlNetModel": ControlNet, "SD3ControlNetModel": SD3ControlNet}
 
 
 def load_controlnet(
@@ -381,7 +385,8 @@ def load_controlnet(
             raise ControlNextError(f"no ControlNet in {path}: expected config.json beside the weights")
         metadata = json.loads((path / "control.json").read_text()) if (path / "control.json").is_file() else {}
         try:
-            model = ControlNet.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+            cls = CONTROLNET_CLASSES.get(json.loads((path / "config.json").read_text()).get("_class_name"), ControlNet)
+            model = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError, RuntimeError) as error:
             hint = "" if allow_pickle else " (pickled weights need --allow-pickle)"
             raise ControlNextError(f"cannot load the ControlNet in {path}{hint}: {str(error).splitlines()[0]}") from None

@@ -50,12 +50,6 @@ def family_of(pipe) -> str:
     return family
 
 
-def denoiser_of(pipe):
-    """The pipeline's denoiser: its UNet, or its transformer (SD3)."""
-    denoiser = getattr(pipe, "unet", None)
-    return denoiser if denoiser is not None else pipe.transformer
-
-
 def _checkpoint_family(path: Path) -> str:
     """"sd", "sdxl" or "sd3", read from a single-file checkpoint's key names."""
     from safetensors import safe_open
@@ -122,6 +116,8 @@ def load_base(
         if class_name not in FAMILIES:
             raise ControlNextError(f"{path} holds a {class_name}; controlnext runs Stable Diffusion 1.x/2.x, SDXL and SD3")
         parts = _missing_parts(path, class_name)
+        if FAMILIES[class_name] == "sd":
+            parts["safety_checker"] = None
         if without_t5:
             parts.update(text_encoder_3=None, tokenizer_3=None)
         pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(path), dtype, True, cache_dir, **parts)
@@ -143,7 +139,7 @@ def load_base(
                 "pass --base-config with a local diffusers folder of the same architecture"
             ) from None
     elif "/" in str(source) and not str(source).startswith((".", "/")):
-        parts = dict(text_encoder_3=None, tokenizer_3=None) if without_t5 else {}
+        parts = dict(text_encoder_3=None, tokenizer_3=None) if without_t5 else {"safety_checker": None}
         pipe = _from_pretrained(diffusers.AutoPipelineForText2Image, str(source), dtype, local_only, cache_dir, **parts)
     else:
         raise ControlNextError(f"base model not found: {source} (give a diffusers folder, a .safetensors file or a model id)")
@@ -161,8 +157,7 @@ def load_base(
 
 def _from_pretrained(cls, source: str, dtype: torch.dtype, local_only: bool, cache_dir: str | None = None, **parts):
     try:
-        return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, safety_checker=None,
-                                   cache_dir=cache_dir, **parts)
+        return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, cache_dir=cache_dir, **parts)
     except (OSError, ValueError, EnvironmentError) as error:
         if local_only and not Path(source).exists():
             raise ControlNextError(
