@@ -150,3 +150,13 @@ def test_weights_for_a_unet_base_are_refused_on_sd3_and_the_reverse(pipe, tmp_pa
             load_control(folder, base)
         message = str(error.value)
         assert "\n" not in message and "base model" in message, message
+
+
+def test_published_sd3_configs_count_on_the_meta_device():
+    from controlnext.bench.sd3 import count_sd3
+
+    entry = count_sd3("sd3-medium")
+    assert 2.02e9 < entry["base_transformer"] < 2.04e9  # SD3-medium's 2B transformer
+    assert entry["controlnext"]["trainable"] < 0.15 * entry["controlnet"]["trainable"]
+    assert 0 < entry["overhead"]["controlnext"] < entry["overhead"]["controlnext_first_step"] < 0.05
+    assert 0.4 < entry["overhead"]["controlnet"] < 0.6  # half the joint blocks, on both guidance halves
