@@ -369,13 +369,17 @@ def load_controlnet(
     config: str | Path | None = None,
     allow_pickle: bool = False,
     unet_weights: str = "auto",
+    variant: str | None = None,
 ) -> LoadedControl:
     """Load a ControlNet from our folder, a diffusers ControlNet folder, or an original single file.
 
     A single file needs its architecture: `config` (a diffusers ControlNet folder, or a base model's
     UNet folder), else the base `unet`'s config, else whatever diffusers finds offline in the HF cache.
-    `unet_weights` is accepted for the common interface; a ControlNet changes no base weights.
+    `unet_weights` and `variant` are accepted for the common interface; a ControlNet changes no base
+    weights and has no release layouts.
     """
+    if variant is not None:
+        raise ControlNextError(f"--variant {variant} names a ControlNeXt release layout, but {path} is a ControlNet")
     path = Path(path)
     if not path.exists():
         raise ControlNextError(f"control weights not found: {path}")

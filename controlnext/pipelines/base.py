@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ControlNextError
-from ..request import BUNDLED_CONTROLS, DEFAULT_BASE, SCHEDULERS, TASKS  # noqa: F401 (imported from here too)
+from ..request import BUNDLED_CONTROLS, DEFAULT_BASE, FLOW_SCHEDULERS, SCHEDULERS, TASKS  # noqa: F401 (imported from here too)
 
 FAMILIES = {
     "StableDiffusionPipeline": "sd",
@@ -34,13 +34,24 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+
+
 def set_scheduler(pipe, name: str) -> None:
-    """Replace the pipeline's scheduler by another one built from the same config."""
+    """Replace the pipeline's scheduler by another one built from the same config.
+
+    "auto" keeps an SD3 base's own flow-matching sampler and picks UniPC for SD 1.x/2.x and SDXL."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise ControlNextError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    flow = family_of(pipe) == "sd3"
+    known = FLOW_SCHEDULERS if flow else SCHEDULERS
+    if name == "auto":
+        if flow:
+            return
+        name = "unipc"
+    if name not in known:
+        what = "an SD3 base samples the flow with" if flow else "choose one of"
+        raise ControlNextError(f"unknown scheduler {name!r} for this base; {what} {', '.join(['auto', *known])}")
+    pipe.scheduler = getattr(diffusers, known[name]).from_config(pipe.scheduler.config)
 
 
 def family_of(pipe) -> str:
