@@ -84,11 +84,12 @@ def count(parameters) -> int:
 def describe_counts(module: nn.Module, unet: nn.Module, selected: list[str]) -> str:
     """One line: trainable parameters of the module and the UNet, against the total."""
     params = dict(unet.named_parameters())
+    kind = "UNet" if hasattr(unet.config, "block_out_channels") else "transformer"
     module_count, unet_count = count(module.parameters()), count(params[n] for n in selected)
     total = module_count + count(params.values())
     return (f"trainable parameters: {_millions(module_count + unet_count)} (control module {_millions(module_count)}"
-            f" + base UNet {_millions(unet_count)} in {len(selected)} tensors) of {_millions(total)} in the module and "
-            "the base UNet")
+            f" + base {kind} {_millions(unet_count)} in {len(selected)} tensors) of {_millions(total)} in the module and "
+            f"the base {kind}")
 
 
 def _millions(n: int) -> str:
