@@ -43,12 +43,14 @@ class ConvergenceSetup:
 
     @property
     def label(self) -> str:
-        """The kind, plus the learning rates where they are not the defaults: one results entry per label."""
+        """The kind, plus the base's folder name when it is not the embedded default and the learning rates where
+        they are not the defaults: one results entry per label."""
         default = ConvergenceSetup()
         rates = (self.learning_rate, self.module_learning_rate)
+        label = self.kind if self.base is None else f"{Path(self.base).name}-{self.kind}"
         if rates == (default.learning_rate, default.module_learning_rate):
-            return self.kind
-        return f"{self.kind}-lr{self.learning_rate:g}-{self.module_learning_rate:g}"
+            return label
+        return f"{label}-lr{self.learning_rate:g}-{self.module_learning_rate:g}"
 
     @property
     def metric(self) -> str:
