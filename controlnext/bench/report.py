@@ -372,7 +372,8 @@ def _sd3_tables(entries: dict, cpu: dict | None) -> list[str]:
                      f"{over['controlnext']:+.2%} | {over['controlnext_first_step']:+.2%} | {over['controlnet']:+.1%} |")
     if cpu:
         share = cpu["share"]
-        lines += ["", f"CPU time of the models alone ({cpu['architecture']}, random weights, {cpu['resolution']} px, "
+        lines += ["", f"CPU time of the models alone ({cpu['architecture']}, random {cpu.get('dtype', 'fp32')} "
+                  f"weights, {cpu['resolution']} px, "
                   f"{cpu['text_tokens']} text tokens (no T5), one image under CFG, {cpu['threads']} thread, medians "
                   f"of {len(cpu['seconds']['base'])} interleaved rounds): a base step {cpu['median']['base']:.1f} s; "
                   f"the ControlNeXt module {cpu['median']['controlnext_module']:.2f} s ({share['controlnext']:.1%} "

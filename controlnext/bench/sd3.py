@@ -107,16 +107,17 @@ def step_inputs(transformer, resolution: int, images: int, text_tokens: int, dev
 
 
 def measure_cpu(name: str = "sd3-medium", resolution: int = 256, text_tokens: int = 77, repeats: int = 3,
-                threads: int = 1, log=print) -> dict:
+                threads: int = 1, dtype: str = "bf16", log=print) -> dict:
     """CPU seconds of one CFG step of the transformer and of each control model alone, interleaved.
 
-    Real tensors with random weights; at a size that fits a CPU: a small image and the CLIP tokens only
-    (SD3 runs without T5)."""
+    Real tensors with random weights; at a size that fits a shared CPU machine: bf16 weights (about 6 GB
+    for SD3-medium and its ControlNet), a small image and the CLIP tokens only (SD3 runs without T5)."""
     torch.set_num_threads(threads)
-    parts = build_sd3(name, device="cpu")
+    kind = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    parts = {key: model.to(kind) for key, model in build_sd3(name, device="cpu").items()}
     transformer, module, controlnet = parts["transformer"], parts["controlnext"], parts["controlnet"]
-    inputs = step_inputs(transformer, resolution, 1, text_tokens)
-    condition = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(1))
+    inputs = {k: v.to(kind) for k, v in step_inputs(transformer, resolution, 1, text_tokens).items()}
+    condition = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(1)).to(kind)
     latents = torch.randn_like(inputs["hidden_states"])
     precomputed = module.precompute(condition)
     calls = {
@@ -135,6 +136,6 @@ def measure_cpu(name: str = "sd3-medium", resolution: int = 256, text_tokens: in
             log(f"{name} CPU round {round_}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items() if v))
     median = {key: statistics.median(values) for key, values in seconds.items()}
     return {"architecture": name, "resolution": resolution, "text_tokens": text_tokens, "threads": threads,
-            "seconds": seconds, "median": median,
+            "dtype": dtype, "seconds": seconds, "median": median,
             "share": {"controlnext": median["controlnext_module"] / median["base"],
                       "controlnet": median["controlnet_model"] / median["base"]}}
