@@ -133,7 +133,8 @@ def measure_cpu(name: str = "sd3-medium", resolution: int = 256, text_tokens: in
                 call()
                 if round_:  # the first round warms up
                     seconds[key].append(time.process_time() - started)
-            log(f"{name} CPU round {round_}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items() if v))
+            if round_:
+                log(f"{name} CPU round {round_}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()))
     median = {key: statistics.median(values) for key, values in seconds.items()}
     return {"architecture": name, "resolution": resolution, "text_tokens": text_tokens, "threads": threads,
             "dtype": dtype, "seconds": seconds, "median": median,
