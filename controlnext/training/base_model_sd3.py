@@ -176,8 +176,8 @@ def _train(output: Path, config: SD3BaseTrainingConfig, log: Log) -> Path:
         f"{sum(p.numel() for e in text_encoders for p in e.parameters()) / 1e6:.2f}M")
     history = []
 
-    def evaluate(step: int, ema: EMA) -> None:
-        pipeline = assemble_pipeline(vae, ema.copies[1:], tokenizer, ema.copies[0], scheduler)
+    def evaluate(step: int, ema: EMA) -> None:  # its own sampler: setting its timesteps must not touch training's
+        pipeline = assemble_pipeline(vae, ema.copies[1:], tokenizer, ema.copies[0], build_scheduler(config.model.shift))
         scores, _ = evaluate_base(pipeline, count=config.eval_count, world_seed=config.seed,
                                   max_sequence_length=config.model.t5_tokens)
         history.append({"step": step, **scores})
