@@ -371,13 +371,16 @@ def _sd3_tables(entries: dict, cpu: dict | None) -> list[str]:
         lines.append(f"| {name} | {entry['resolution']} | {entry['flops']['base'] / 1e12:.1f} TFLOP | "
                      f"{over['controlnext']:+.2%} | {over['controlnext_first_step']:+.2%} | {over['controlnet']:+.1%} |")
     if cpu:
-        share = cpu["share"]
-        lines += ["", f"CPU time of the models alone ({cpu['architecture']}, random {cpu.get('dtype', 'fp32')} "
-                  f"weights, {cpu['resolution']} px, "
-                  f"{cpu['text_tokens']} text tokens (no T5), one image under CFG, {cpu['threads']} thread, medians "
-                  f"of {len(cpu['seconds']['base'])} interleaved rounds): a base step {cpu['median']['base']:.1f} s; "
-                  f"the ControlNeXt module {cpu['median']['controlnext_module']:.2f} s ({share['controlnext']:.1%} "
-                  f"of it); the ControlNet {cpu['median']['controlnet_model']:.1f} s ({share['controlnet']:.1%})."]
+        share, full = cpu["share"], cpu["share_full_depth"]
+        lines += ["", f"CPU time of the models alone ({cpu['architecture']}'s width with its first {cpu['layers']} of "
+                  f"{cpu['full_layers']} joint blocks, the ControlNet copying half of them; random {cpu['dtype']} "
+                  f"weights, {cpu['resolution']} px, {cpu['text_tokens']} text tokens (no T5), one image under CFG, "
+                  f"{cpu['threads']} thread, CPU seconds, medians of {len(cpu['seconds']['base'])} interleaved rounds): "
+                  f"a base step {cpu['median']['base']:.2f} s; the ControlNeXt module "
+                  f"{cpu['median']['controlnext_module']:.3f} s ({share['controlnext']:.1%} of it); the ControlNet "
+                  f"{cpu['median']['controlnet_model']:.2f} s ({share['controlnet']:.1%}). At the full depth (the "
+                  f"transformer and the ControlNet scaled by their blocks): ControlNeXt {full['controlnext']:.2%}, "
+                  f"ControlNet {full['controlnet']:.1%} of a base step."]
     return lines + [""]
 
 

@@ -28,19 +28,31 @@ TEXT_TOKENS = 77 + 256  # both CLIPs side by side, then T5's 256 tokens (the pip
 VAE_FACTOR = 8
 
 
-def build_sd3(name: str, device: str = "meta", seed: int = 0) -> dict:
-    """The named transformer, the v2-layout ControlNeXt module for it and an SD3 ControlNet of half its blocks."""
+def build_sd3(name: str, device: str = "meta", seed: int = 0, dtype: torch.dtype = torch.float32,
+              num_layers: int | None = None) -> dict:
+    """The named transformer (optionally only its first `num_layers` joint blocks), the v2-layout ControlNeXt
+    module for it and an SD3 ControlNet of half its blocks, built directly in `dtype`."""
     from diffusers import SD3Transformer2DModel
 
     from ..models import ControlNeXtModel, SD3ControlNet
 
     torch.manual_seed(seed)
+    config = {**SD3_TRANSFORMERS[name], **({"num_layers": num_layers} if num_layers else {})}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _build(config, device, SD3Transformer2DModel, ControlNeXtModel, SD3ControlNet)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build(config: dict, device: str, transformer_class, module_class, controlnet_class) -> dict:
     with torch.device(device):
-        transformer = SD3Transformer2DModel(**SD3_TRANSFORMERS[name]).eval()
+        transformer = transformer_class(**config).eval()
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        module = ControlNeXtModel.from_variant("sdxl", out_channels=width, injection="pos_embed",
-                                               pool_before_norm=True).eval()
-        controlnet = SD3ControlNet.from_base(transformer).eval()
+        module = module_class.from_variant("sdxl", out_channels=width, injection="pos_embed",
+                                           pool_before_norm=True).eval()
+        controlnet = controlnet_class.from_base(transformer).eval()
     return {"transformer": transformer, "controlnext": module, "controlnet": controlnet}
 
 
@@ -107,14 +119,16 @@ def step_inputs(transformer, resolution: int, images: int, text_tokens: int, dev
 
 
 def measure_cpu(name: str = "sd3-medium", resolution: int = 256, text_tokens: int = 77, repeats: int = 3,
-                threads: int = 1, dtype: str = "bf16", log=print) -> dict:
+                threads: int = 1, dtype: str = "bf16", layers: int = 6, log=print) -> dict:
     """CPU seconds of one CFG step of the transformer and of each control model alone, interleaved.
 
-    Real tensors with random weights; at a size that fits a shared CPU machine: bf16 weights (about 6 GB
-    for SD3-medium and its ControlNet), a small image and the CLIP tokens only (SD3 runs without T5)."""
+    Real tensors with random weights, at a size that fits a shared CPU machine: the architecture's width
+    with its first `layers` joint blocks (the ControlNet copies half of them), bf16 weights, a small image
+    and the CLIP tokens only (SD3 runs without T5). The module is the full one; the transformer and the
+    ControlNet scale with their blocks, so `share_full_depth` extrapolates both to the whole depth."""
     torch.set_num_threads(threads)
     kind = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    parts = {key: model.to(kind) for key, model in build_sd3(name, device="cpu").items()}
+    parts = build_sd3(name, device="cpu", dtype=kind, num_layers=layers)
     transformer, module, controlnet = parts["transformer"], parts["controlnext"], parts["controlnet"]
     inputs = {k: v.to(kind) for k, v in step_inputs(transformer, resolution, 1, text_tokens).items()}
     condition = torch.rand(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(1)).to(kind)
@@ -136,7 +150,11 @@ def measure_cpu(name: str = "sd3-medium", resolution: int = 256, text_tokens: in
             if round_:
                 log(f"{name} CPU round {round_}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()))
     median = {key: statistics.median(values) for key, values in seconds.items()}
+    depth = SD3_TRANSFORMERS[name]["num_layers"] / layers
     return {"architecture": name, "resolution": resolution, "text_tokens": text_tokens, "threads": threads,
-            "dtype": dtype, "seconds": seconds, "median": median,
+            "dtype": dtype, "layers": layers, "full_layers": SD3_TRANSFORMERS[name]["num_layers"],
+            "seconds": seconds, "median": median,
             "share": {"controlnext": median["controlnext_module"] / median["base"],
-                      "controlnet": median["controlnet_model"] / median["base"]}}
+                      "controlnet": median["controlnet_model"] / median["base"]},
+            "share_full_depth": {"controlnext": median["controlnext_module"] / (median["base"] * depth),
+                                 "controlnet": median["controlnet_model"] / median["base"]}}

@@ -111,7 +111,7 @@ def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
 def run_sd3_cpu_benchmark(results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
                           resolution: int = 256, repeats: int = 3, threads: int = 1,
                           command: str = "controlnext bench --sd3-cpu", log=print) -> dict:
-    """CPU seconds of SD3-medium's transformer step and of each control model alone (bf16, about 6 GB of memory)."""
+    """CPU seconds of a transformer step and of each control model alone at SD3-medium's width (6 joint blocks, bf16)."""
     from .report import render_markdown, update_results
     from .sd3 import measure_cpu
 

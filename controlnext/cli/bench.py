@@ -32,7 +32,7 @@ def add_parser(subparsers, parent) -> None:
                        help="size of the CPU timing, which needs the 1.5B-parameter UNet in memory (default: 64x112)")
     parser.add_argument("--sd3-cpu", action="store_true",
                         help="only time SD3-medium's transformer step and each control model alone on the CPU "
-                        "(random bf16 weights, 256 px, about 6 GB of memory)")
+                        "(its width with 6 of its joint blocks, random bf16 weights, 256 px; about 1.5 GB of memory)")
     group = parser.add_argument_group("convergence (--convergence)")
     group.add_argument("--convergence", action="store_true",
                        help="train ControlNeXt and ControlNet on the shapes world and compare fidelity against steps")
