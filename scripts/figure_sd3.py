@@ -14,7 +14,8 @@ from PIL import Image  # noqa: E402
 from controlnext.control.loading import load_control  # noqa: E402
 from controlnext.evaluation import held_out  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
-from controlnext.pipelines.base import call_defaults, denoiser_of  # noqa: E402
+from controlnext.pipelines.base import call_defaults  # noqa: E402
+from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     pipe = ControlledPipeline.from_pretrained(args.base)
-    pipe = ControlledPipeline(pipe.pipe, [load_control(args.control, denoiser_of(pipe.pipe))])
+    pipe = ControlledPipeline(pipe.pipe, [load_control(args.control, pipeline_denoiser(pipe.pipe))])
     side = pipe.default_size()[0]
     scenes = held_out(args.rows, "canny", side)
     options = dict(num_inference_steps=20, guidance_scale=5.0, height=side, width=side, **call_defaults(pipe.pipe))

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from controlnext.control.loading import load_control  # noqa: E402
 from controlnext.evaluation import CONTROL_METRICS, evaluate_control  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
-from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults, denoiser_of  # noqa: E402
+from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults  # noqa: E402
+from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 from controlnext.training.base_model import evaluate_base  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"base model, {args.count} held-out captions: "
           + "  ".join(f"{key} {value:.3f}" for key, value in base_scores.items()), flush=True)
     for kind, folder in controls.items():
-        controlled = ControlledPipeline(pipe.pipe, [load_control(folder, denoiser_of(pipe.pipe))])
+        controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
         scores = evaluate_control(controlled, kind, count=args.count, seed=args.seed, steps=args.steps,
                                   guidance=args.guidance)
         report["controls"][kind] = {"folder": folder, **scores}

@@ -64,7 +64,7 @@ def test_flow_matching_draws_shifted_sigmas_and_targets_the_velocity():
 
 
 def test_training_lowers_the_flow_matching_loss(trained):
-    assert trained.trainer.base.objective == "flow_matching"
+    assert trained.trainer.base.prediction_type == "flow_matching"
     assert trained.after < 0.97 * trained.before
     assert sorted(losses(trained.output)) == list(range(1, 13))
 
@@ -74,7 +74,7 @@ def test_controlnext_trains_the_joint_blocks_attention_outputs(trained):
     if trainer.config.method != "controlnext":
         pytest.skip("ControlNet keeps the base locked")
     assert trainer.control.injection == "pos_embed"
-    blocks = trainer.base.denoiser.config.num_layers
+    blocks = trainer.base.unet.config.num_layers
     # the last joint block updates no text tokens, so it has no to_add_out
     expected = [f"transformer_blocks.{i}.attn.{part}.{kind}" for i in range(blocks) for part in ("to_out.0", "to_add_out")
                 for kind in ("weight", "bias") if not (i == blocks - 1 and part == "to_add_out")]
@@ -82,7 +82,7 @@ def test_controlnext_trains_the_joint_blocks_attention_outputs(trained):
 
 
 def test_saved_control_loads_on_the_base_and_logs_fidelity(trained):
-    loaded = load_control(trained.output, trained.trainer.base.denoiser)
+    loaded = load_control(trained.output, trained.trainer.base.unet)
     assert loaded.method == trained.trainer.config.method
     log = (trained.output / "log.csv").read_text()
     assert "edge_f1" in log.splitlines()[0] and (trained.output / "validation" / "step-000012.png").is_file()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..denoisers import pipeline_denoiser
 from ..data.shapes import ShapesWorld, render_image
 from ..metrics import mean_shape_scores
 from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
@@ -234,8 +235,7 @@ def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, gu
     Works for a UNet or a transformer pipeline; `call_options` go to the pipeline call."""
     world = ShapesWorld(seed=world_seed)
     specs = [world.spec(index, "test") for index in range(count)]
-    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-    resolution = denoiser.config.sample_size * pipeline.vae_scale_factor
+    resolution = pipeline_denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, count, batch):

@@ -21,8 +21,8 @@ from ..models.tiny_sd import BASE_MODEL_DIR
 from ..models.tiny_sd3 import (TinySD3Config, assemble_pipeline, build_scheduler, build_text_encoders,
                                build_transformer)
 from ..models.tiny_sd import build_tokenizer, build_vae
-from .base_model import (EMA, BaseTrainingConfig, Log, check_reconstruction, cosine_with_warmup, encode_latents,
-                         evaluate_base, render_training_set, tokenize, train_vae)
+from .base_model import (BaseTrainingConfig, Log, averaged_copies, check_reconstruction, cosine_schedule,
+                         encode_latents, evaluate_base, moving_average, render_training_set, tokenize, train_vae)
 from .flow_matching import FlowMatching, noisy_latents
 
 
@@ -84,16 +84,15 @@ def encode_captions(text_encoders, ids: torch.Tensor, t5_tokens: int, joint_dim:
 
 
 def train_transformer(transformer, text_encoders, tokenizer, scheduler, means, stds, captions, shift: float,
-                      scale: float, config: SD3BaseTrainingConfig, evaluate=None, log: Log = print) -> EMA:
-    """Train the transformer and both text encoders on flow matching; return their moving averages."""
+                      scale: float, config: SD3BaseTrainingConfig, evaluate=None, log: Log = print) -> list:
+    """Train the transformer and both text encoders on flow matching; return copies holding their moving averages."""
     generator = torch.Generator().manual_seed(config.seed + 1)
     objective = FlowMatching(density=config.density, weighting=config.weighting)
     token_ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])  # (n, tokens), (1, tokens)
     parameters = [p for module in (transformer, *text_encoders) for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, config.steps, config.warmup_steps))
-    ema = EMA([transformer, *text_encoders], config.ema_decay)
+    schedule = cosine_schedule(optimizer, config.steps, config.warmup_steps)
+    ema = moving_average([transformer, *text_encoders], config.ema_decay)
     for module in (transformer, *text_encoders):
         module.train()
     started, running = time.time(), []
@@ -114,16 +113,16 @@ def train_transformer(transformer, text_encoders, tokenizer, scheduler, means, s
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        ema.update(step)
+        ema.step(parameters)
         running.append(loss.item())
         if step % 100 == 0 or step == config.steps - 1:
             log(f"transformer step {step:5d}  loss {np.mean(running):.4f}  {time.time() - started:.0f}s")
             running = []
         if evaluate and config.eval_every and (step + 1) % config.eval_every == 0:
-            evaluate(step + 1, ema)
+            evaluate(step + 1, averaged_copies(ema, [transformer, *text_encoders]))
     for module in (transformer, *text_encoders):
         module.eval()
-    return ema
+    return averaged_copies(ema, [transformer, *text_encoders])
 
 
 def save_sd3_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool) -> None:
@@ -176,16 +175,16 @@ def _train(output: Path, config: SD3BaseTrainingConfig, log: Log) -> Path:
         f"{sum(p.numel() for e in text_encoders for p in e.parameters()) / 1e6:.2f}M")
     history = []
 
-    def evaluate(step: int, ema: EMA) -> None:  # its own sampler: setting its timesteps must not touch training's
-        pipeline = assemble_pipeline(vae, ema.copies[1:], tokenizer, ema.copies[0], build_scheduler(config.model.shift))
+    def evaluate(step: int, averaged: list) -> None:  # its own sampler: setting its timesteps must not touch training's
+        pipeline = assemble_pipeline(vae, averaged[1:], tokenizer, averaged[0], build_scheduler(config.model.shift))
         scores, _ = evaluate_base(pipeline, count=config.eval_count, world_seed=config.seed,
                                   max_sequence_length=config.model.t5_tokens)
         history.append({"step": step, **scores})
         log(f"eval at step {step}: " + "  ".join(f"{key} {value:.3f}" for key, value in scores.items()))
 
-    ema = train_transformer(transformer, text_encoders, tokenizer, scheduler, means, stds, captions, shift, scale,
-                            config, evaluate, log)
-    pipeline = assemble_pipeline(vae, ema.copies[1:], tokenizer, ema.copies[0], scheduler)
+    averaged = train_transformer(transformer, text_encoders, tokenizer, scheduler, means, stds, captions, shift, scale,
+                                 config, evaluate, log)
+    pipeline = assemble_pipeline(vae, averaged[1:], tokenizer, averaged[0], build_scheduler(config.model.shift))
     save_sd3_pipeline(pipeline, output, work / "tokenizer", config.half_precision_storage)
     minutes = (time.time() - started) / 60
     (output / "training_config.json").write_text(json.dumps(
