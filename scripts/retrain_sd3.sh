@@ -15,7 +15,7 @@ if [ "${1:-all}" != controls ]; then
 fi
 
 rm -rf "$RUNS/sd3-control-canny"
-controlnext train --base "$RUNS/sd3-base" --data shapes-canny --resolution 64 --module-config "$MODULE" \
+python -m controlnext train --base "$RUNS/sd3-base" --data shapes-canny --resolution 64 --module-config "$MODULE" \
   --learning-rate 1e-3 --module-learning-rate 1e-3 --lr-scheduler cosine --batch-size 16 --max-steps 800 \
   --checkpoint-every 0 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
   --validation-metric edge_f1 --no-progress-bar --no-tensorboard --output-dir "$RUNS/sd3-control-canny"
