@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.tiny_sd import BASE_MODEL_DIR
+from ..models.tiny_sd import BASE_MODEL_DIR, build_tokenizer, build_vae
 from ..models.tiny_sd3 import (TinySD3Config, assemble_pipeline, build_scheduler, build_text_encoders,
                                build_transformer)
-from ..models.tiny_sd import build_tokenizer, build_vae
 from .base_model import (BaseTrainingConfig, Log, averaged_copies, check_reconstruction, cosine_schedule,
                          encode_latents, evaluate_base, moving_average, render_training_set, tokenize, train_vae)
 from .flow_matching import FlowMatching, noisy_latents
