@@ -223,9 +223,10 @@ def _training_cost_table(entries: list[dict]) -> list[str]:
 
 def _convergence_tables(entries: dict) -> list[str]:
     lines = ["## Convergence on the shapes world", "",
-             "Both methods trained by `controlnext train` on the embedded default model with the same data, batch, "
-             "seed and number of steps; control fidelity measured at each validation on held-out scenes (the "
-             "world's test split), sampled alike (same seeds, DDIM steps and guidance). \"90% step\": the first "
+             "Both methods trained by `controlnext train` on the embedded default model (entries named sd3-*: on "
+             "the shapes-world SD3, the diffusion transformer) with the same data, batch, seed and number of steps; "
+             "control fidelity measured at each validation on held-out scenes (the world's test split), sampled "
+             "alike (same seeds, sampler steps and guidance). \"90% step\": the first "
              "validation at 90% of the final fidelity (mean of the last three validations). Plateau and rise: steps "
              "to 10% of the gain over the start, then from 10% to 90% of it; \"sudden\" when the plateau lasts at "
              "least twice the rise and more than one validation interval (ControlNet's sudden convergence).", "",
@@ -242,6 +243,7 @@ def _convergence_tables(entries: dict) -> list[str]:
     lines.append("")
     for label, entry in entries.items():
         setup, speedup = entry["setup"], entry.get("speedup_to_90")
+        sd3 = label.startswith("sd3-")  # the transformer's weights, sampled with its flow-matching Euler
         verdict = ("target (at least 5x sooner) met" if speedup >= 5 else "target (at least 5x sooner) missed"
                    ) if speedup else "no speed-up could be computed"
         bar = entry.get("common_bar")
@@ -256,10 +258,12 @@ def _convergence_tables(entries: dict) -> list[str]:
                   + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}.")
                   + (f" {common}" if common else ""),
                   f"Setup: {setup['steps']} steps of batch {setup['batch_size']} at {setup['resolution']} px; learning "
-                  f"rate {setup['learning_rate']:g} (ControlNet, ControlNeXt's UNet weights) and "
+                  f"rate {setup['learning_rate']:g} (ControlNet, ControlNeXt's {'transformer' if sd3 else 'UNet'} "
+                  "weights) and "
                   f"{setup['module_learning_rate']:g} (ControlNeXt's module); validation every "
                   f"{setup['validate_every']} steps on {setup['validation_count']} held-out scenes, "
-                  f"{setup['sampling_steps']} DDIM steps, guidance {setup['guidance_scale']}, seed {setup['seed']}.",
+                  f"{setup['sampling_steps']} {'Euler' if sd3 else 'DDIM'} steps, guidance {setup['guidance_scale']}, "
+                  f"seed {setup['seed']}.",
                   "", "| step | " + " | ".join(METHOD_NAMES.get(m, m) for m in entry["methods"]) + " |",
                   "|---|" + "---|" * len(entry["methods"])]
         curves = {m: dict(run["curve"]) for m, run in entry["methods"].items()}
