@@ -101,3 +101,14 @@ def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(sd3_base, tmp_pa
     first = load_control(tmp_path / "whole", None).model.state_dict()
     second = load_control(tmp_path / "resumed", None).model.state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.mark.parametrize("trainable, blocks", [(["sd3"], [0, 1]), (["spaced"], [0])])
+def test_trainable_presets_select_joint_blocks_attention_outputs(trainable, blocks):
+    from controlnext.testing import tiny_sd3_pipeline
+    from controlnext.training.selection import resolve_patterns, select_parameters
+
+    transformer = tiny_sd3_pipeline().transformer
+    selected = select_parameters(transformer, resolve_patterns(transformer, trainable, is_sdxl=False, spaced_every=2))
+    assert {int(name.split(".")[1]) for name in selected} == set(blocks)
+    assert all(".attn.to_out.0." in name or ".attn.to_add_out." in name for name in selected)

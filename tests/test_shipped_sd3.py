@@ -33,3 +33,22 @@ def test_shipped_sd3_canny_control_follows_its_condition():
     assert scores["controlled"] >= FLOOR, scores
     assert scores["uncontrolled"] <= UNCONTROLLED_CEILING, scores
     assert scores["controlled"] >= scores["uncontrolled"] + 0.15
+
+
+def test_readme_command_draws_the_example_with_the_sd3(tmp_path):
+    """The README's `controlnext generate` on the shapes-world SD3 with its canny control."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from controlnext.cli import main
+    from controlnext.metrics import detect_shapes, edge_f1
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "circle.png"
+    output = tmp_path / "sd3.png"
+    assert main(["generate", "--base", str(SD3_BASE_MODEL_DIR), "--control", str(CONTROL), "--image", str(example),
+                 "--prompt", "a red circle on a blue background", "--guidance", "5", "--output", str(output),
+                 "--no-progress"]) == 0
+    image = Image.open(output)
+    assert image.size == (64, 64) and [(s.kind, s.colour) for s in detect_shapes(image)] == [("circle", "red")]
+    assert edge_f1(Image.open(example), image) > 0.5
