@@ -179,3 +179,15 @@ def test_generate_command_runs_an_sd3_base_with_both_methods(pipe, condition, tm
     assert main(argv) == 0 and (tmp_path / "out.png").is_file()
     assert main([*argv, "--scheduler", "heun", "-o", str(tmp_path / "heun.png")]) == 0
     assert main([*argv, "--scheduler", "ddim"]) == 2  # SD3 samples the flow: one clear line
+
+
+@pytest.mark.parametrize("key, family", [("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "sd3"),
+                                         ("conditioner.embedders.1.model.ln_final.weight", "sdxl"),
+                                         ("model.diffusion_model.input_blocks.0.0.weight", "sd")])
+def test_single_file_checkpoints_are_told_apart_by_their_keys(tmp_path, key, family):
+    from safetensors.torch import save_file
+
+    from controlnext.pipelines.base import _checkpoint_family
+
+    save_file({key: torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    assert _checkpoint_family(tmp_path / "model.safetensors") == family
