@@ -290,7 +290,7 @@ def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
 
 def tiny_sd3_controlnext(seed: int = 0, **overrides):
     """A small ControlNeXt module for the toy SD3: 16 features, added after the patch embedding."""
-    return tiny_controlnext(seed, out_channels=16, injection="pos_embed", pool_before_norm=True, **overrides)
+    return tiny_controlnext(seed, **{"out_channels": 16, "injection": "pos_embed", "pool_before_norm": True, **overrides})
 
 
 def tiny_sd3_controlnet(transformer, seed: int = 0, zero_convs: bool = False):

@@ -191,3 +191,24 @@ def test_single_file_checkpoints_are_told_apart_by_their_keys(tmp_path, key, fam
 
     save_file({key: torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     assert _checkpoint_family(tmp_path / "model.safetensors") == family
+
+
+def test_after_the_first_joint_block_is_a_site_for_ablation(pipe):
+    """The table's other SD3 site: the image tokens a joint block returns; the text tokens it returns stay."""
+    transformer, module = pipe.transformer, tiny_sd3_controlnext(injection="transformer_blocks.0")
+    inputs = transformer_inputs(transformer)
+    condition = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def keep(module_, args, kwargs):
+        seen.setdefault("calls", []).append((kwargs["hidden_states"].clone(), kwargs["encoder_hidden_states"].clone()))
+
+    hook = transformer.transformer_blocks[1].register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        transformer(**inputs)
+        with attach_control(transformer, ControlUnit(module, condition), cfg=False):
+            transformer(**inputs)
+    hook.remove()
+    (plain_tokens, plain_text), (tokens, text) = seen["calls"]
+    torch.testing.assert_close(text, plain_text, rtol=0, atol=0)
+    assert (tokens - plain_tokens).abs().max() > 1e-3
