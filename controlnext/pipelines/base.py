@@ -34,8 +34,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-
-
 def set_scheduler(pipe, name: str) -> None:
     """Replace the pipeline's scheduler by another one built from the same config.
 
