@@ -33,7 +33,10 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
     side = pipe.default_size()[0]
     samples = held_out(count, kind, side)
     controlled, uncontrolled = [], []
-    options = dict(num_inference_steps=steps, guidance_scale=guidance, height=side, width=side)
+    from .pipelines.base import call_defaults
+
+    options = dict(num_inference_steps=steps, guidance_scale=guidance, height=side, width=side,
+                   **call_defaults(pipe.pipe))
     for start in range(0, count, batch):
         chunk = samples[start:start + batch]
         captions = [sample.caption for sample in chunk]

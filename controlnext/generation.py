@@ -47,7 +47,8 @@ def pipeline_key(request: GenerationRequest) -> tuple:
     """What `load_pipeline` reads from a settled request: requests with equal keys can share a pipeline."""
     return (request.base, request.base_config, tuple((c.control, c.unet_weights) for c in request.controls),
             request.variant, request.task, tuple((x.lora, x.weight) for x in request.loras), request.device,
-            request.dtype, request.allow_pickle, request.allow_download, request.cache_dir)
+            request.dtype, request.allow_pickle, request.allow_download, request.cache_dir, request.without_t5,
+            request.offload)
 
 
 def load_pipeline(request: GenerationRequest) -> ControlledPipeline:
@@ -57,7 +58,8 @@ def load_pipeline(request: GenerationRequest) -> ControlledPipeline:
         device=request.device, dtype=resolve_dtype(request.dtype, request.device),
         loras=[(x.lora, x.weight) for x in request.loras], allow_pickle=request.allow_pickle,
         allow_download=request.allow_download, base_config=request.base_config, cache_dir=request.cache_dir,
-        variant=request.variant, unet_weights=[c.unet_weights for c in request.controls],
+        variant=request.variant, unet_weights=[c.unet_weights for c in request.controls], offload=request.offload,
+        without_t5=request.without_t5,
     )
 
 

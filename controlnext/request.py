@@ -32,6 +32,9 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm++2m": "DPMSolverMultistepScheduler",
 }
+# SD3 samples the rectified flow: its pipelines (img2img's scale_noise too) need flow-matching schedulers.
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+SCHEDULER_NAMES = ("auto", *SCHEDULERS, *(name for name in FLOW_SCHEDULERS if name not in SCHEDULERS))
 TASKS = ("txt2img", "img2img", "inpaint")
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")  # how a condition reaches the image size
 UNET_WEIGHTS = ("auto", "absolute", "increments")  # how a control's UNet tensors are stored; auto: read from them
@@ -129,7 +132,8 @@ class GenerationRequest:
     steps: int = setting("denoising steps", default=20, ge=1, web=dict(le=150))
     guidance: float = setting("classifier-free guidance scale (<= 1 disables it)", default=7.5, ge=0,
                               web=dict(le=30))
-    scheduler: str = setting("sampler", default="unipc", choices=tuple(SCHEDULERS))
+    scheduler: str = setting("sampler (auto: unipc, or an SD3 base's own flow-matching Euler; an SD3 base takes "
+                             "euler or heun, on the flow)", default="auto", choices=SCHEDULER_NAMES)
     seed: int | None = setting("random seed; image k of a batch uses seed + k (None: one at random)", default=0,
                                ge=0, lt=2**32)
     width: int | None = setting(f"image width, a multiple of {SIZE_MULTIPLE} (default: the model's size)",
@@ -140,6 +144,9 @@ class GenerationRequest:
     device: str = setting("cpu, cuda, cuda:1, mps or auto (CUDA, then MPS, then the CPU)", default="auto",
                           metavar="DEVICE", replay=False)
     dtype: str | None = setting("precision (default: fp32 on the CPU, fp16 on a GPU)", default=None, choices=DTYPES)
+    without_t5: bool = setting("leave out SD3's third text encoder (T5), as diffusers allows", default=False)
+    offload: bool = setting("keep each part of the base on the CPU until it runs (large bases such as SD3.5-large "
+                            "on a GPU)", default=False, record=False)
     allow_pickle: bool = setting("allow reading pickled .bin/.pth weights (trusted files only)", default=False,
                                  record=False)
     allow_download: bool = setting("allow downloading a base model id from the Hugging Face Hub", default=False,

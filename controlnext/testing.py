@@ -246,3 +246,62 @@ def save_tiny_svd_pipeline(folder: str | Path, seed: int = 0, num_frames: int = 
     folder = Path(folder)
     tiny_svd_pipeline(seed, num_frames).save_pretrained(folder)
     return folder
+
+
+# -- SD3 ---------------------------------------------------------------------------------------------
+
+def tiny_sd3_config():
+    """Sizes of a toy SD3 as diffusers' own SD3 tests build one: 16 latent channels, two CLIPs, no T5."""
+    from .models.tiny_sd3 import TinySD3Config
+
+    return TinySD3Config(resolution=32, text_hidden_size=16, text_layers=1, text_heads=2, text_projection=8,
+                         max_tokens=16, vae_channels=(8, 16), latent_channels=16, layers=2, heads=2, head_dim=8,
+                         t5_tokens=4)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline at toy size (32 px images, 8 x 8 patch grid of 16-feature tokens), random weights.
+
+    The VAE's posterior is a point mass (log-variance -30), so diffusers' sampled condition latents equal
+    the mode that this project's SD3 ControlNet reads."""
+    import tempfile
+
+    from .models.tiny_sd3 import build_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="controlnext-tokenizer-") as folder:
+        pipe = build_pipeline(folder, tiny_sd3_config(), seed=seed, shift_factor=0.1, scaling_factor=1.5)
+    latent = pipe.vae.config.latent_channels
+    with torch.no_grad():
+        pipe.vae.quant_conv.weight[latent:] = 0
+        pipe.vae.quant_conv.bias[latent:] = -30.0
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.eval()
+    return pipe
+
+
+def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Write the toy SD3 in diffusers format, recording the zero tokens it stands T5 in with (4)."""
+    folder = Path(folder)
+    pipe = tiny_sd3_pipeline(seed)
+    pipe.save_pretrained(folder)
+    (folder / "training_config.json").write_text(json.dumps({"max_sequence_length": tiny_sd3_config().t5_tokens}))
+    return folder
+
+
+def tiny_sd3_controlnext(seed: int = 0, **overrides):
+    """A small ControlNeXt module for the toy SD3: 16 features, added after the patch embedding."""
+    return tiny_controlnext(seed, **{"out_channels": 16, "injection": "pos_embed", "pool_before_norm": True, **overrides})
+
+
+def tiny_sd3_controlnet(transformer, seed: int = 0, zero_convs: bool = False):
+    """An SD3 ControlNet copied from the toy transformer (one block); random instead of zero layers by default."""
+    from .models import SD3ControlNet
+
+    torch.manual_seed(seed)
+    model = SD3ControlNet.from_base(transformer, num_layers=1).eval()
+    if not zero_convs:
+        with torch.no_grad():
+            for layer in (*model.controlnet_blocks, model.pos_embed_input.proj):
+                layer.weight.normal_(0, 0.3)
+                layer.bias.normal_(0, 0.1)
+    return model

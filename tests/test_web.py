@@ -226,7 +226,7 @@ def test_openapi_schema_lists_the_routes_and_their_limits(server):
     assert (fields["steps"]["minimum"], fields["steps"]["maximum"]) == (1, 150)
     width = next(option for option in fields["width"]["anyOf"] if option.get("type") == "integer")
     assert width["multipleOf"] == 8 and width["maximum"] == 2048
-    assert set(fields["scheduler"]["enum"]) == {"ddim", "unipc", "euler", "euler_a", "dpm++2m"}
+    assert set(fields["scheduler"]["enum"]) == {"auto", "ddim", "unipc", "euler", "euler_a", "dpm++2m", "heun"}
     assert "503" in schema["paths"]["/api/generate"]["post"]["responses"]
 
 

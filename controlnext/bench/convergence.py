@@ -10,6 +10,7 @@ The uncontrolled floor is the same base model sampling the same prompts without 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,18 +44,25 @@ class ConvergenceSetup:
 
     @property
     def label(self) -> str:
-        """The kind, plus the learning rates where they are not the defaults: one results entry per label."""
+        """The kind, after "sd3-" on an SD3 base and before the learning rates where they are not the defaults:
+        one results entry per label."""
         default = ConvergenceSetup()
         rates = (self.learning_rate, self.module_learning_rate)
+        label = f"sd3-{self.kind}" if _is_sd3_folder(self.base) else self.kind
         if rates == (default.learning_rate, default.module_learning_rate):
-            return self.kind
-        return f"{self.kind}-lr{self.learning_rate:g}-{self.module_learning_rate:g}"
+            return label
+        return f"{label}-lr{self.learning_rate:g}-{self.module_learning_rate:g}"
 
     @property
     def metric(self) -> str:
         if self.kind not in CONTROL_METRICS:
             raise ControlNextError(f"unknown condition kind {self.kind!r}; pick one of {', '.join(CONTROL_METRICS)}")
         return CONTROL_METRICS[self.kind]
+
+
+def _is_sd3_folder(base: str | None) -> bool:
+    index = Path(base) / "model_index.json" if base else None
+    return bool(index and index.is_file() and "StableDiffusion3" in json.loads(index.read_text()).get("_class_name", ""))
 
 
 def write_validation_conditions(folder: Path, kind: str, count: int, resolution: int) -> tuple[list[str], list[str]]:

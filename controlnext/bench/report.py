@@ -44,7 +44,8 @@ def machine_info() -> dict:
 
 def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None,
                    training_cost: dict | None = None, convergence: dict | None = None,
-                   generation: dict | None = None, gpu: dict | None = None, video: dict | None = None) -> dict:
+                   generation: dict | None = None, gpu: dict | None = None, video: dict | None = None,
+                   sd3: list[dict] | None = None, sd3_cpu: dict | None = None) -> dict:
     """Merge new results into the JSON file at `path` and return all.
 
     One overhead entry per resolution, one training-cost entry per architecture and resolution, one
@@ -69,6 +70,10 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
         results["gpu"] = gpu
     if video is not None:
         results["video"] = video
+    for entry in sd3 or []:
+        results.setdefault("sd3", {})[entry["architecture"]] = entry
+    if sd3_cpu is not None:
+        results["sd3_cpu"] = sd3_cpu
     path.write_text(json.dumps(results, indent=1))
     return results
 
@@ -104,6 +109,8 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
         lines += _training_cost_table(list(results["training_cost"].values()))
     if results.get("convergence"):
         lines += _convergence_tables(results["convergence"])
+    if results.get("sd3"):
+        lines += _sd3_tables(results["sd3"], results.get("sd3_cpu"))
     lines += _gpu_tables(results.get("gpu"))
     return "\n".join(lines) + "\n"
 
@@ -216,9 +223,10 @@ def _training_cost_table(entries: list[dict]) -> list[str]:
 
 def _convergence_tables(entries: dict) -> list[str]:
     lines = ["## Convergence on the shapes world", "",
-             "Both methods trained by `controlnext train` on the embedded default model with the same data, batch, "
-             "seed and number of steps; control fidelity measured at each validation on held-out scenes (the "
-             "world's test split), sampled alike (same seeds, DDIM steps and guidance). \"90% step\": the first "
+             "Both methods trained by `controlnext train` on the embedded default model (entries named sd3-*: on "
+             "the shapes-world SD3, the diffusion transformer) with the same data, batch, seed and number of steps; "
+             "control fidelity measured at each validation on held-out scenes (the world's test split), sampled "
+             "alike (same seeds, sampler steps and guidance). \"90% step\": the first "
              "validation at 90% of the final fidelity (mean of the last three validations). Plateau and rise: steps "
              "to 10% of the gain over the start, then from 10% to 90% of it; \"sudden\" when the plateau lasts at "
              "least twice the rise and more than one validation interval (ControlNet's sudden convergence).", "",
@@ -235,6 +243,7 @@ def _convergence_tables(entries: dict) -> list[str]:
     lines.append("")
     for label, entry in entries.items():
         setup, speedup = entry["setup"], entry.get("speedup_to_90")
+        sd3 = label.startswith("sd3-")  # the transformer's weights, sampled with its flow-matching Euler
         verdict = ("target (at least 5x sooner) met" if speedup >= 5 else "target (at least 5x sooner) missed"
                    ) if speedup else "no speed-up could be computed"
         bar = entry.get("common_bar")
@@ -249,10 +258,12 @@ def _convergence_tables(entries: dict) -> list[str]:
                   + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}.")
                   + (f" {common}" if common else ""),
                   f"Setup: {setup['steps']} steps of batch {setup['batch_size']} at {setup['resolution']} px; learning "
-                  f"rate {setup['learning_rate']:g} (ControlNet, ControlNeXt's UNet weights) and "
+                  f"rate {setup['learning_rate']:g} (ControlNet, ControlNeXt's {'transformer' if sd3 else 'UNet'} "
+                  "weights) and "
                   f"{setup['module_learning_rate']:g} (ControlNeXt's module); validation every "
                   f"{setup['validate_every']} steps on {setup['validation_count']} held-out scenes, "
-                  f"{setup['sampling_steps']} DDIM steps, guidance {setup['guidance_scale']}, seed {setup['seed']}.",
+                  f"{setup['sampling_steps']} {'Euler' if sd3 else 'DDIM'} steps, guidance {setup['guidance_scale']}, "
+                  f"seed {setup['seed']}.",
                   "", "| step | " + " | ".join(METHOD_NAMES.get(m, m) for m in entry["methods"]) + " |",
                   "|---|" + "---|" * len(entry["methods"])]
         curves = {m: dict(run["curve"]) for m, run in entry["methods"].items()}
@@ -334,6 +345,46 @@ def _overhead_tables(runs: list[dict]) -> list[str]:
                      f"{run['threads']} torch threads, load average {machine['load_average']} at the start and "
                      f"{machine.get('load_average_after', '?')} at the end (the machine is shared with other work); "
                      f"Python {machine['python']}, {versions}.")
+    return lines + [""]
+
+
+def _sd3_tables(entries: dict, cpu: dict | None) -> list[str]:
+    lines = ["## SD3: the diffusion transformer", "",
+             "Built from the published transformer configs on the meta device (`controlnext.bench.sd3`). "
+             "ControlNeXt: the v2-layout module with its output at the transformer's width, added to the image "
+             "tokens after the patch embedding, plus the `sd3` preset of the transformer's weights (every joint "
+             "block's attention output projections `attn.to_out.0` and `attn.to_add_out`), which replace base "
+             "weights. ControlNet: diffusers' `SD3ControlNetModel` copying half the joint blocks (diffusers' default "
+             "for SD3-medium), its residuals passed through `block_controlnet_hidden_states`.", "",
+             "| base | method | trainable | added at inference |", "|---|---|---|---|"]
+    for name, entry in entries.items():
+        cnx, cn = entry["controlnext"], entry["controlnet"]
+        pattern = cnx["trained_pattern"].replace("|", "\\|")  # a table cell
+        lines.append(f"| {name} | (the base transformer has {_m(entry['base_transformer'])}) | - | - |")
+        lines.append(f"| {name} | ControlNeXt: module {_m(cnx['module'])} + transformer `{pattern}` "
+                     f"{_m(cnx['trained_transformer'])} | {_m(cnx['trainable'])} "
+                     f"({cnx['trainable'] / cn['trainable']:.1%} of ControlNet's) | {_m(cnx['added'])} |")
+        lines.append(f"| {name} | ControlNet ({cn['layers']} blocks) | {_m(cn['trainable'])} | {_m(cn['added'])} |")
+    lines += ["", "FLOPs of one denoising step under classifier-free guidance (torch's flop counter: matrix "
+              "products and convolutions), one image, both CLIPs' and T5's 333 text tokens. ControlNeXt's module "
+              "runs once per condition (both guidance halves see the same condition) and its timestep-free part "
+              "once per generation; ControlNet reads the prompt, so it runs on both halves.", "",
+              "| base | px | base step | ControlNeXt | ControlNeXt, first step | ControlNet |", "|---|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        over = entry["overhead"]
+        lines.append(f"| {name} | {entry['resolution']} | {entry['flops']['base'] / 1e12:.1f} TFLOP | "
+                     f"{over['controlnext']:+.2%} | {over['controlnext_first_step']:+.2%} | {over['controlnet']:+.1%} |")
+    if cpu:
+        share, full = cpu["share"], cpu["share_full_depth"]
+        lines += ["", f"CPU time of the models alone ({cpu['architecture']}'s width with its first {cpu['layers']} of "
+                  f"{cpu['full_layers']} joint blocks, the ControlNet copying half of them; random {cpu['dtype']} "
+                  f"weights, {cpu['resolution']} px, {cpu['text_tokens']} text tokens (no T5), one image under CFG, "
+                  f"{cpu['threads']} thread, CPU seconds, medians of {len(cpu['seconds']['base'])} interleaved rounds): "
+                  f"a base step {cpu['median']['base']:.2f} s; the ControlNeXt module "
+                  f"{cpu['median']['controlnext_module']:.3f} s ({share['controlnext']:.1%} of it); the ControlNet "
+                  f"{cpu['median']['controlnet_model']:.2f} s ({share['controlnet']:.1%}). At the full depth (the "
+                  f"transformer and the ControlNet scaled by their blocks): ControlNeXt {full['controlnext']:.2%}, "
+                  f"ControlNet {full['controlnet']:.1%} of a base step."]
     return lines + [""]
 
 

@@ -40,8 +40,11 @@ def run_benchmarks(
         _check_resolution(resolution, "resolution")
     if training_resolution:
         _check_resolution(training_resolution, "training resolution")
-    log("counting parameters (SD1.5, SDXL)")
-    results = update_results(results_path, parameters=[count_parameters("sd15"), count_parameters("sdxl")])
+    from .sd3 import SD3_TRANSFORMERS, count_sd3
+
+    log("counting parameters (SD1.5, SDXL) and SD3's parameters and FLOPs (SD3-medium, SD3.5-large)")
+    results = update_results(results_path, parameters=[count_parameters("sd15"), count_parameters("sdxl")],
+                             sd3=[count_sd3(name) for name in SD3_TRANSFORMERS])
     for resolution in resolutions:
         n = rounds or DEFAULT_ROUNDS.get(resolution, 3)
         log(f"{resolution} px: {n} rounds + {warmup} warm-up")
@@ -103,3 +106,16 @@ def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
     results = update_results(results_path, convergence=result)
     Path(output_path).write_text(render_markdown(results, command))
     return result
+
+
+def run_sd3_cpu_benchmark(results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
+                          resolution: int = 256, repeats: int = 3, threads: int = 1,
+                          command: str = "controlnext bench --sd3-cpu", log=print) -> dict:
+    """CPU seconds of a transformer step and of each control model alone at SD3-medium's width (6 joint blocks, bf16)."""
+    from .report import render_markdown, update_results
+    from .sd3 import measure_cpu
+
+    entry = measure_cpu("sd3-medium", resolution=resolution, repeats=repeats, threads=threads, log=log)
+    results = update_results(results_path, sd3_cpu=entry)
+    Path(output_path).write_text(render_markdown(results, command))
+    return entry

@@ -30,6 +30,9 @@ def add_parser(subparsers, parent) -> None:
     video.add_argument("--video-frames", type=int, default=14, help="frames in a window (default: 14)")
     video.add_argument("--video-time-size", default="64x112", metavar="HxW",
                        help="size of the CPU timing, which needs the 1.5B-parameter UNet in memory (default: 64x112)")
+    parser.add_argument("--sd3-cpu", action="store_true",
+                        help="only time SD3-medium's transformer step and each control model alone on the CPU "
+                        "(its width with 6 of its joint blocks, random bf16 weights, 256 px; about 1.5 GB of memory)")
     group = parser.add_argument_group("convergence (--convergence)")
     group.add_argument("--convergence", action="store_true",
                        help="train ControlNeXt and ControlNet on the shapes world and compare fidelity against steps")
@@ -76,6 +79,12 @@ def run(args) -> int:
             raise ControlNextError(f"--video-frames must be positive, not {args.video_frames}")
         run_video_benchmark(args.video_frames, (int(height), int(width)), rounds=args.rounds or 2,
                             threads=args.threads, results_path=args.results, output_path=args.output)
+        return 0
+    if args.sd3_cpu:
+        from ..bench.suite import run_sd3_cpu_benchmark
+
+        run_sd3_cpu_benchmark(args.results, args.output, threads=args.threads or 1)
+        print(f"wrote {args.output} and {args.results}")
         return 0
     if args.convergence:
         import torch

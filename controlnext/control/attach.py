@@ -72,7 +72,10 @@ def check_fits(model: nn.Module, denoiser, source: str) -> None:
             raise ControlNextError(f"{source} passes {', '.join(unknown)} to the denoiser, which a "
                                    f"{type(denoiser).__name__} does not take; use a base model of its family")
     else:
-        find_site(denoiser, model.injection)
+        try:
+            find_site(denoiser, model.injection)
+        except ControlNextError as error:  # e.g. a UNet's control on SD3's transformer
+            raise ControlNextError(f"{source}: {error}; use the base model the control was trained for") from None
     mismatch = model.base_mismatch(denoiser)
     if mismatch:
         raise ControlNextError(f"{source} {mismatch}; use the base model the control was trained for")

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..denoisers import family
 from ..errors import ControlNextError
-from ..models import VARIANTS, ControlNet, ControlNeXtModel
+from ..models import VARIANTS, ControlNet, ControlNeXtModel, SD3ControlNet
 from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
 from .attach import check_fits
 
@@ -353,9 +353,13 @@ def save_controlnext(
 # -- ControlNet ----------------------------------------------------------------------------------------
 
 def is_diffusers_controlnet(folder: Path) -> bool:
-    """True for a folder whose config.json is a diffusers ControlNetModel's."""
+    """True for a folder whose config.json is a diffusers ControlNetModel's or SD3ControlNetModel's."""
     config = folder / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetModel"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") in CONTROLNET_CLASSES
+
+
+# diffusers' ControlNet classes -> ours (the same network with the attach interface)
+CONTROLNET_CLASSES = {"ControlNetModel": ControlNet, "SD3ControlNetModel": SD3ControlNet}
 
 
 def load_controlnet(
@@ -365,13 +369,17 @@ def load_controlnet(
     config: str | Path | None = None,
     allow_pickle: bool = False,
     unet_weights: str = "auto",
+    variant: str | None = None,
 ) -> LoadedControl:
     """Load a ControlNet from our folder, a diffusers ControlNet folder, or an original single file.
 
     A single file needs its architecture: `config` (a diffusers ControlNet folder, or a base model's
     UNet folder), else the base `unet`'s config, else whatever diffusers finds offline in the HF cache.
-    `unet_weights` is accepted for the common interface; a ControlNet changes no base weights.
+    `unet_weights` and `variant` are accepted for the common interface; a ControlNet changes no base
+    weights and has no release layouts.
     """
+    if variant is not None:
+        raise ControlNextError(f"--variant {variant} names a ControlNeXt release layout, but {path} is a ControlNet")
     path = Path(path)
     if not path.exists():
         raise ControlNextError(f"control weights not found: {path}")
@@ -381,7 +389,8 @@ def load_controlnet(
             raise ControlNextError(f"no ControlNet in {path}: expected config.json beside the weights")
         metadata = json.loads((path / "control.json").read_text()) if (path / "control.json").is_file() else {}
         try:
-            model = ControlNet.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+            cls = CONTROLNET_CLASSES.get(json.loads((path / "config.json").read_text()).get("_class_name"), ControlNet)
+            model = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
         except (OSError, ValueError, RuntimeError) as error:
             hint = "" if allow_pickle else " (pickled weights need --allow-pickle)"
             raise ControlNextError(f"cannot load the ControlNet in {path}{hint}: {str(error).splitlines()[0]}") from None

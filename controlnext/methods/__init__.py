@@ -24,7 +24,7 @@ class ControlMethod:
     """What a control method provides to loading, training, the CLI and the web catalog."""
 
     name: str
-    model_class: type
+    model_class: type | tuple[type, ...]  # what isinstance recognises as this method's model
     load: Callable  # (path, denoiser=None, **options) -> LoadedControl; options it does not take are refused
     save: Callable  # (path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None) -> path
     build: Callable  # (denoiser, TrainConfig, vae_scale_factor=8) -> a fresh model for that base

@@ -11,8 +11,9 @@ from pathlib import Path
 from torch import nn
 
 from ..control.loading import is_diffusers_controlnet, load_controlnet, save_controlnet, tensor_names
+from ..denoisers import family
 from ..errors import ControlNextError
-from ..models import ControlNet
+from ..models import ControlNet, SD3ControlNet
 from . import ControlMethod, register
 
 
@@ -28,8 +29,15 @@ def build(denoiser: nn.Module, config, vae_scale_factor: int = 8) -> ControlNet:
     """A ControlNet copied from this base's encoder, its zero convolutions at zero (Zhang et al., Sec. 3.1).
 
     Its condition encoder halves the image once per step from pixels to latents: diffusers' widths
-    (16, 32, 96, 256) for SD's factor 8, fewer levels for a VAE of a smaller factor.
+    (16, 32, 96, 256) for SD's factor 8, fewer levels for a VAE of a smaller factor. On SD3 it is
+    diffusers' SD3 ControlNet: a copy of the first `--controlnet-layers` joint blocks reading the
+    condition's latents.
     """
+    if family(denoiser) == "sd3":
+        try:
+            return SD3ControlNet.from_base(denoiser, config.controlnet_layers)
+        except ValueError as error:
+            raise ControlNextError(f"--controlnet-layers: {error}") from None
     levels = max(int(vae_scale_factor).bit_length() - 1, 0)  # log2 of the factor
     widths = (16, 32, 96, 256, 256, 256)[:levels + 1]
     return ControlNet.from_unet(denoiser, conditioning_embedding_out_channels=widths)
@@ -42,5 +50,5 @@ def save(path, model, base_weights=None, *, original_weights=None, increments=Fa
     return save_controlnet(path, model, metadata=metadata)
 
 
-register(ControlMethod(name="controlnet", model_class=ControlNet, load=load_controlnet, save=save, build=build,
+register(ControlMethod(name="controlnet", model_class=(ControlNet, SD3ControlNet), load=load_controlnet, save=save, build=build,
                        detect=detect))

@@ -20,8 +20,10 @@ from ..models import VARIANTS, ControlNeXtModel
 from . import ControlMethod, register
 
 # Per family, where the official code adds the control and which base weights its recipe trains.
-DEFAULT_SITES = {"sd": "down_blocks.0", "sdxl": "conv_in", "svd": "down_blocks.0"}
-TRAINABLE = {"sd": "sd15", "sdxl": "sdxl"}
+# On SD3 right after the patch embedding, where the image is tokens on the patch grid, with the joint
+# blocks' attention outputs.
+DEFAULT_SITES = {"sd": "down_blocks.0", "sdxl": "conv_in", "svd": "down_blocks.0", "sd3": "pos_embed"}
+TRAINABLE = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd3"}
 # A family whose official code joins the features its own way starts from that layout (its width follows the base):
 # SVD-v2's training code normalises, then pools, with eps 1e-5, times 0.2.
 FAMILY_LAYOUTS = {"svd": {k: v for k, v in VARIANTS["svd-training"].items() if k != "out_channels"}}

@@ -15,11 +15,11 @@ from ..denoisers import pipeline_denoiser
 from ..errors import ControlNextError
 from ..images import check_size, load_image, prepare_condition
 from ..request import SIZE_MULTIPLE
-from .base import load_base, load_loras, set_scheduler
+from .base import call_defaults, load_base, load_loras, set_scheduler
 
 
 class ControlledPipeline:
-    """Wraps any SD1.x/2.x/SDXL diffusers pipeline (txt2img, img2img, inpaint) and its controls.
+    """Wraps any SD1.x/2.x/SDXL/SD3 diffusers pipeline (txt2img, img2img, inpaint) and its controls.
 
     `pipe(prompt, control_images=[...], ...)` attaches the controls for the call and detaches them after,
     so `self.pipe` stays the unmodified diffusers pipeline. Other keyword arguments go to diffusers.
@@ -33,7 +33,7 @@ class ControlledPipeline:
         for control in self.controls:
             if control.model.dtype != self.denoiser.dtype:
                 control.model.to(self.denoiser.dtype)
-            control.model.to(pipe.device)
+            control.model.to(pipe._execution_device)  # the GPU, also when the base is offloaded to the CPU
 
     @classmethod
     def from_pretrained(
@@ -51,15 +51,21 @@ class ControlledPipeline:
         base_config: str | None = None,
         cache_dir: str | None = None,
         unet_weights: str | Sequence[str] = "auto",
+        offload: bool = False,
+        without_t5: bool = False,
         **control_options,
     ) -> "ControlledPipeline":
         """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`.
 
         `unet_weights` ("auto", "absolute" or "increments"; one, or one per control) says how each control's
         trained UNet tensors are stored; "auto" reads it from the tensors against this base.
+        `offload` keeps each part of the base on the CPU until it runs (diffusers' model offload, for bases
+        larger than the GPU's memory); `without_t5` leaves out SD3's third text encoder.
         """
-        pipe = load_base(base, task=task, device=device, dtype=dtype, config=base_config, allow_download=allow_download,
-                         cache_dir=cache_dir)
+        pipe = load_base(base, task=task, device="cpu" if offload else device, dtype=dtype, config=base_config,
+                         allow_download=allow_download, cache_dir=cache_dir, without_t5=without_t5)
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
         load_loras(pipe, list(loras))
         modes = [unet_weights] * len(controls) if isinstance(unet_weights, str) else list(unet_weights)
         if len(modes) == 1:
@@ -124,6 +130,7 @@ class ControlledPipeline:
                         start, end, name=Path(control.source).name, unet_weights=control.unet_weights)
             for control, image, scale, start, end in zip(self.controls, images, scales, starts, ends)
         ]
+        kwargs = {**call_defaults(self.pipe), **kwargs}
         guidance = kwargs.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 7.5))
         cfg = guidance > 1 and self.denoiser.config.get("time_cond_proj_dim") is None
         prompts = [prompt] if isinstance(prompt, str) or prompt is None else list(prompt)
@@ -157,6 +164,8 @@ class ControlledPipeline:
             else:
                 tensors.append(prepare_condition(item, width, height, resize_mode)[None])
         condition = torch.cat(tensors)  # (b, 3, H, W)
+        if hasattr(model, "prepare_condition"):  # controls that read the condition in latent space (SD3 ControlNet)
+            return model.prepare_condition(condition.to(self.pipe._execution_device), self.pipe.vae)
         return condition.to(device=model.device, dtype=model.dtype)
 
 

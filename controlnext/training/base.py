@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ class BaseModel:
     vae: nn.Module
     text_encoders: list[nn.Module]
     noise_scheduler: object
+    call_options: dict = field(default_factory=dict)  # pipeline-call options the base records (max_sequence_length)
 
     @property
     def family(self) -> str:
@@ -30,14 +31,20 @@ class BaseModel:
 
     @property
     def prediction_type(self) -> str:
+        """What the denoiser predicts: the scheduler's type, or "flow_matching" (SD3's velocity noise - data)."""
+        if self.family == "sd3":
+            return "flow_matching"
         return self.noise_scheduler.config.prediction_type
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> (hidden states (b, tokens, d), pooled embedding (b, p) or None) by the pipeline's encode_prompt."""
+        options = dict(self.call_options)
+        if self.family == "sd3":  # its encode_prompt requires the prompts of the second and third encoders
+            options.update(prompt_2=None, prompt_3=None)
         encoded = self.pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-        return encoded[0], encoded[2] if len(encoded) > 2 else None  # SDXL also returns pooled embeddings
+                                          do_classifier_free_guidance=False, **options)
+        return encoded[0], encoded[2] if len(encoded) > 2 else None  # SDXL and SD3 also return pooled embeddings
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -46,6 +53,12 @@ class BaseModel:
         latents = posterior.sample(generator=generator).float()  # (b, 4, H/8, W/8)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
+
+    def prepare_condition(self, control: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The condition as `control` reads it: pixels in [0, 1], or latents for controls that encode it (SD3 ControlNet)."""
+        if hasattr(control, "prepare_condition"):
+            return control.prepare_condition(pixels, self.vae)
+        return pixels
 
     def added_conditions(self, pooled: torch.Tensor | None, original_sizes: torch.Tensor,
                          crops_top_left: torch.Tensor, resolution: int) -> dict | None:
@@ -69,9 +82,9 @@ def unet_fingerprint(unet) -> str:
 def load_training_base(source: str | Path | None) -> BaseModel:
     """The base model's parts for training, read as `generate` reads it (a local diffusers folder, the offline
     Hugging Face cache or a single .safetensors file; None: the embedded default model)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from ..pipelines.base import load_base
+    from ..pipelines.base import call_defaults, load_base
     from .video import is_video_base
 
     if is_video_base(source):  # Stable Video Diffusion: a CLIP image encoder instead of text encoders
@@ -82,9 +95,13 @@ def load_training_base(source: str | Path | None) -> BaseModel:
             module.requires_grad_(False).eval()
         return BaseModel(Path(str(source)), pipe, pipe.unet, pipe.vae, [pipe.image_encoder], pipe.scheduler)
     pipe = load_base(source or None, device="cpu", dtype=torch.float32)
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    encoders = [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
     denoiser = denoisers.pipeline_denoiser(pipe)
     for module in (denoiser, pipe.vae, *encoders):
         module.requires_grad_(False).eval()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule (same betas)
-    return BaseModel(Path(str(source or "")), pipe, denoiser, pipe.vae, encoders, noise_scheduler)
+    if denoisers.family(denoiser) == "sd3":  # the training sigmas: the sampler's own shifted schedule
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    else:
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule (same betas)
+    return BaseModel(Path(str(source or "")), pipe, denoiser, pipe.vae, encoders, noise_scheduler, call_defaults(pipe))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..denoisers import pipeline_denoiser
 from ..data.shapes import ShapesWorld, render_image
 from ..metrics import mean_shape_scores
 from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
@@ -228,17 +229,19 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 @torch.no_grad()
 def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
-                  batch: int = 25, world_seed: int = 0) -> tuple[dict[str, float], list]:
-    """Generate from the first `count` held-out ("test") captions; return mean shape scores and the images."""
+                  batch: int = 25, world_seed: int = 0, **call_options) -> tuple[dict[str, float], list]:
+    """Generate from the first `count` held-out ("test") captions; return mean shape scores and the images.
+
+    Works for a UNet or a transformer pipeline; `call_options` go to the pipeline call."""
     world = ShapesWorld(seed=world_seed)
     specs = [world.spec(index, "test") for index in range(count)]
-    resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    resolution = pipeline_denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, count, batch):
         captions = [spec.caption() for spec in specs[start:start + batch]]
         images += pipeline(captions, height=resolution, width=resolution, num_inference_steps=steps,
-                           guidance_scale=guidance, generator=generator).images
+                           guidance_scale=guidance, generator=generator, **call_options).images
     return mean_shape_scores(images, specs), images
 
 

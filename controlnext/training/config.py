@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ControlNextError
 
-SELECTION_PRESETS = ("auto", "sd15", "sdxl", "spaced", "all", "none")
+SELECTION_PRESETS = ("auto", "sd15", "sdxl", "sd3", "spaced", "all", "none")
 
 
 def option(default, help: str, *, resume: bool = False, choices: tuple | None = None, required: bool = False):
@@ -33,9 +33,8 @@ class TrainConfig:
     """Everything `train` needs; saved as train_config.json beside the outputs."""
 
     # -- base model and control -------------------------------------------------------------------
-    base: str = option("", "base model: a local diffusers folder (StableDiffusionPipeline or StableDiffusionXLPipeline "
-                       "layout: unet, vae, text_encoder, tokenizer, scheduler; or a StableVideoDiffusionPipeline, "
-                       "which trains on videos), a model id in the offline Hugging Face cache or a single "
+    base: str = option("", "base model: a local diffusers folder (StableDiffusionPipeline, StableDiffusionXLPipeline "
+                       "or StableDiffusion3Pipeline layout; or a StableVideoDiffusionPipeline, which trains on videos), a model id in the offline Hugging Face cache or a single "
                        ".safetensors file (default: the embedded default model)")
     method: str = option("controlnext", "control method to train: a method registered in controlnext.methods "
                          "(built in: controlnext, controlnet)", resume=True)
@@ -46,13 +45,16 @@ class TrainConfig:
                                        "follow the base model unless given", resume=True)
     init_control: str | None = option(None, "start from saved control weights (our folder or an official release) "
                                       "instead of a freshly initialised module", resume=True)
-    trainable: list[str] = option(["auto"], "base UNet weights to train besides the module: presets (auto: sdxl for "
-                                  "an SDXL base, else sd15; sd15: names containing to_out; sdxl: .*attn2.*to_out.*; "
-                                  "spaced: to_out of every k-th transformer block; all: the whole UNet, as the "
-                                  "official SVD recipe; none: module only) and/or "
+    trainable: list[str] = option(["auto"], "base denoiser weights to train besides the module: presets (auto: sdxl "
+                                  "for an SDXL base, sd3 for an SD3 base, else sd15; sd15: names containing to_out; "
+                                  "sdxl: .*attn2.*to_out.*; sd3: the joint blocks' attention outputs attn.to_out.0 "
+                                  "and attn.to_add_out; spaced: the attention outputs of every k-th transformer "
+                                  "block; all: the whole UNet, as the official SVD recipe; none: module only) and/or "
                                   "regular expressions searched in parameter names", resume=True)
     spaced_every: int = option(2, "with --trainable spaced: train the attention outputs of every k-th transformer "
                                "block, counted from the first", resume=True)
+    controlnet_layers: int | None = option(None, "with --method controlnet on an SD3 base: joint blocks the ControlNet "
+                                           "copies (default: half of the base's)", resume=True)
     control_scale: float = option(1.0, "strength of the control while training (saved as the recommended scale)",
                                   resume=True)
 
@@ -71,6 +73,15 @@ class TrainConfig:
     resolution: int = option(512, "training size in pixels (square); images and conditions of another size are "
                              "resized so that the short side equals it, then centre-cropped", resume=True)
     generated_examples: int = option(50_000, "number of examples of a generated data set", resume=True)
+    timestep_density: str = option("logit_normal", "SD3 bases (flow matching): how training draws the noise level, "
+                                   "as SD3's own training scripts (logit_normal, mode or uniform), on the "
+                                   "scheduler's shifted schedule", resume=True,
+                                   choices=("logit_normal", "mode", "uniform"))
+    logit_mean: float = option(0.0, "SD3 bases: mean of the logit-normal density", resume=True)
+    logit_std: float = option(1.0, "SD3 bases: standard deviation of the logit-normal density", resume=True)
+    mode_scale: float = option(1.29, "SD3 bases: scale of the mode density", resume=True)
+    loss_weighting: str = option("none", "SD3 bases: loss weighting over noise levels (none, sigma_sqrt, cosmap)",
+                                 resume=True, choices=("none", "sigma_sqrt", "cosmap"))
     empty_prompt_ratio: float = option(0.1, "share of captions replaced by the empty prompt, so that classifier-free "
                                        "guidance works with the control", resume=True)
     num_workers: int = option(0, "data loading worker processes")
@@ -120,7 +131,7 @@ class TrainConfig:
     validation_prompts: list[str] = option([], "prompts for the validation conditions (one for all, or one each; "
                                            "default: the examples' captions)")
     validation_examples: int = option(4, "how many data examples to validate on when no --validation-images")
-    validation_sampling_steps: int = option(20, "DDIM steps for validation images")
+    validation_sampling_steps: int = option(20, "sampling steps for validation images (DDIM; Euler for SD3)")
     guidance_scale: float = option(7.5, "classifier-free guidance scale for validation images")
     validation_metric: str = option("auto", "control-fidelity metric logged at validation (auto: edge_f1 when "
                                     "controlnext.metrics is installed)",

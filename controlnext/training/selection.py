@@ -1,8 +1,10 @@
-"""Which base UNet weights train besides the control module: regular expressions over parameter names.
+"""Which base denoiser weights train besides the control module: regular expressions over parameter names.
 
 ControlNeXt fine-tunes a small subset of the base model instead of copying its encoder (Sec. 3.1):
 the official SD1.5 recipe trains every name containing `to_out`, the SDXL one `.*attn2.*to_out.*`;
-the paper also describes training equally spaced layers ("spaced").
+on SD3's transformer the counterpart is every joint block's attention output projections, for the
+image tokens (`attn.to_out.0`) and the text tokens (`attn.to_add_out`); the paper also describes
+training equally spaced layers ("spaced": every k-th UNet transformer block or SD3 joint block).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ PRESETS: dict[str, list[str]] = {
     "sd15": [r"to_out"],
     "sdxl": [r".*attn2.*to_out.*"],
     "all": [r"."],  # every parameter: the official SVD-v2 recipe trains the whole UNet
+    "sd3": [r"^transformer_blocks\.\d+\.attn\.(to_out\.0|to_add_out)\."],
     "none": [],
 }
 
@@ -36,7 +39,7 @@ def transformer_blocks(unet: nn.Module) -> list[str]:
 
 def spaced_patterns(unet: nn.Module, every: int) -> list[str]:
     """Patterns for the attention output projections of every `every`-th transformer block."""
-    return [rf"^{re.escape(block)}\.attn\d+\.to_out\." for block in transformer_blocks(unet)[::every]]
+    return [rf"^{re.escape(block)}\.attn\d*\.(to_out|to_add_out)\." for block in transformer_blocks(unet)[::every]]
 
 
 def resolve_patterns(unet: nn.Module, trainable: list[str], *, is_sdxl: bool, spaced_every: int = 2,
@@ -68,7 +71,7 @@ def select_parameters(unet: nn.Module, patterns: list[str]) -> list[str]:
         if not matched:
             raise ControlNextError(
                 f"--trainable {pattern!r} selects no UNet parameter; names look like {names[len(names) // 2]!r} "
-                "(use a preset: sd15, sdxl, spaced, none)"
+                "(use a preset: sd15, sdxl, sd3, spaced, all, none)"
             )
         selected |= matched
     return [name for name in names if name in selected]
@@ -81,11 +84,12 @@ def count(parameters) -> int:
 def describe_counts(module: nn.Module, unet: nn.Module, selected: list[str]) -> str:
     """One line: trainable parameters of the module and the UNet, against the total."""
     params = dict(unet.named_parameters())
+    kind = "UNet" if hasattr(unet.config, "block_out_channels") else "transformer"
     module_count, unet_count = count(module.parameters()), count(params[n] for n in selected)
     total = module_count + count(params.values())
     return (f"trainable parameters: {_millions(module_count + unet_count)} (control module {_millions(module_count)}"
-            f" + base UNet {_millions(unet_count)} in {len(selected)} tensors) of {_millions(total)} in the module and "
-            "the base UNet")
+            f" + base {kind} {_millions(unet_count)} in {len(selected)} tensors) of {_millions(total)} in the module and "
+            f"the base {kind}")
 
 
 def _millions(n: int) -> str:

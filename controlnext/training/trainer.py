@@ -1,8 +1,8 @@
 """Training a control on a frozen base model, through the same attach code path as inference.
 
-The control model and a selected subset of the base UNet's weights learn the standard diffusion
-objective (DDPM, Ho et al. 2020, Eq. 14; v-prediction, Salimans & Ho 2022) with the control attached
-by `attach_control(..., cfg=False)`. All randomness of a step (noise, timesteps, empty prompts, VAE
+The control model and a selected subset of the base denoiser's weights learn the base's own objective
+(DDPM, Ho et al. 2020, Eq. 14; v-prediction, Salimans & Ho 2022; SD3's rectified flow, Esser et al. 2024)
+with the control attached by `attach_control(..., cfg=False)`. All randomness of a step (noise, timesteps, empty prompts, VAE
 sampling) comes from a generator seeded by (seed, process, micro-step) and the data order from
 (seed, stream position), so a resumed run repeats an uninterrupted one exactly.
 """
@@ -20,12 +20,14 @@ from torch import nn
 
 from ..control import ControlUnit, attach_control
 from ..control.loading import load_control
+from ..denoisers import describe
 from ..errors import ControlNextError, MissingDependencyError
 from ..methods import METHODS, ControlMethod
 from . import checkpoint as ckpt
 from .base import BaseModel, load_training_base
 from .config import TrainConfig
 from .data import ControlDataset, derive_seed, make_loader, open_source
+from .flow_matching import FlowMatching, noisy_latents
 from .monitor import TrainingLog, progress_bar
 from .selection import describe_counts, resolve_patterns, select_parameters
 from .validation import fidelity, generate, image_grid, resolve_metric, validation_set
@@ -35,7 +37,7 @@ LOW_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 class ControlledUNet(nn.Module):
-    """The base UNet with one control attached (cfg=False): the module that trains."""
+    """The base denoiser (a UNet, or SD3's transformer) with one control attached (cfg=False): the module that trains."""
 
     def __init__(self, unet: nn.Module, control: nn.Module, scale: float = 1.0):
         super().__init__()
@@ -44,23 +46,44 @@ class ControlledUNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, condition, **unet_kwargs) -> torch.Tensor:
         """Latents (b, 4, h, w), timesteps, text (b, tokens, d), condition (b, 3, H, W) -> prediction (b, 4, h, w).
 
-        A video UNet takes (b, frames, c, h, w) latents and one condition per frame, (b * frames, 3, H, W)."""
+        A video UNet takes (b, frames, c, h, w) latents and one condition per frame, (b * frames, 3, H, W); SD3's
+        transformer its pooled text as `pooled_projections` and the condition as its control reads it. The three
+        named inputs go to the denoiser under its own argument names (the denoiser table)."""
+        entry = describe(self.unet)
+        inputs = {entry.sample: sample, entry.timestep: timestep, entry.encoder_states: encoder_hidden_states}
         unit = ControlUnit(self.control, condition, scale=self.scale, name="training")
         with attach_control(self.unet, unit, cfg=False):  # attached for this call only: the base stays unhooked
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
+            return self.unet(**inputs, return_dict=False, **unet_kwargs)[0]
+
+
+def flow_matching(config: TrainConfig) -> FlowMatching:
+    """SD3's timestep density and loss weighting as the configuration names them."""
+    return FlowMatching(density=config.timestep_density, logit_mean=config.logit_mean, logit_std=config.logit_std,
+                        mode_scale=config.mode_scale, weighting=config.loss_weighting)
 
 
 def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: TrainConfig,
                    generator: torch.Generator, device) -> torch.Tensor:
-    """|| target - model(x_t, t, text, condition) ||^2, target = noise, velocity or latents (the scheduler's type)."""
+    """|| target - model(x_t, t, text, condition) ||^2, target = noise, velocity or latents (the scheduler's type),
+    or on SD3 the flow-matching velocity noise - x_0 at sigmas drawn from SD3's density."""
     scheduler = base.noise_scheduler
-    latents = base.encode_images(batch["pixel_values"].to(device), generator)  # (b, 4, h, w)
+    latents = base.encode_images(batch["pixel_values"].to(device), generator)  # (b, c, h, w)
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(device)  # (b, 4, h, w)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)  # (b,)
+    noise = torch.randn(latents.shape, generator=generator).to(device)  # (b, c, h, w)
+    flow = base.prediction_type == "flow_matching"
+    if flow:
+        objective = flow_matching(config)
+        timesteps, sigmas = (t.to(device) for t in objective.sample(scheduler, b, generator))  # (b,), (b,)
+    else:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)  # (b,)
     empty = (torch.rand(b, generator=generator) < config.empty_prompt_ratio).tolist()
     captions = ["" if drop else caption for drop, caption in zip(empty, batch["caption"])]
     hidden, pooled = base.encode_prompts(captions, device)  # (b, tokens, d)
+    condition = base.prepare_condition(getattr(model, "module", model).control, batch["conditioning"].to(device))
+    if flow:
+        prediction = model(noisy_latents(latents, noise, sigmas), timesteps, hidden, condition,
+                           pooled_projections=pooled)  # (b, c, h, w)
+        return objective.loss(prediction, latents, noise, sigmas)
     added = base.added_conditions(pooled, batch["original_size"], batch["crop_top_left"], config.resolution)
     noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
     if base.prediction_type == "epsilon":
@@ -71,7 +94,7 @@ def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: Train
         target = latents
     else:
         raise ControlNextError(f"the base scheduler predicts {base.prediction_type!r}, which training does not support")
-    prediction = model(noisy, timesteps, hidden, batch["conditioning"].to(device), added_cond_kwargs=added)
+    prediction = model(noisy, timesteps, hidden, condition, added_cond_kwargs=added)
     return F.mse_loss(prediction.float(), target.float())
 
 

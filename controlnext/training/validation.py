@@ -63,23 +63,26 @@ def resolve_metric(name: str) -> tuple[str, Callable[[Image.Image, Image.Image],
 @torch.no_grad()
 def generate(base, control, conditions: torch.Tensor, prompts: list[str], *, steps: int, guidance_scale: float,
              seed: int, scale: float = 1.0) -> torch.Tensor:
-    """The family's own diffusers pipeline with DDIM and `control` attached (None: the base alone) -> (n, 3, H, W).
+    """The family's own diffusers pipeline with DDIM (SD3: its flow-matching Euler) and `control` attached (None:
+    the base alone) -> (n, 3, H, W).
 
     The initial noise comes from a CPU generator seeded with `seed` in float32, so every validation starts
     from the same latents, whatever the device and precision of training."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    pipe = type(base.pipe).from_pipe(base.pipe, scheduler=DDIMScheduler.from_config(base.noise_scheduler.config))
+    sampler = FlowMatchEulerDiscreteScheduler if base.prediction_type == "flow_matching" else DDIMScheduler
+    pipe = type(base.pipe).from_pipe(base.pipe, scheduler=sampler.from_config(base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     denoiser = pipeline_denoiser(pipe)
     n, _, height, width = conditions.shape
     shape = (n, denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (n, c, h, w)
-    units = [] if control is None else [ControlUnit(control, conditions, scale=scale, name="validation")]
+    units = [] if control is None else [ControlUnit(control, base.prepare_condition(control, conditions), scale=scale,
+                                                    name="validation")]
     attached = attach_control(denoiser, units, scheduler=pipe.scheduler, cfg=guidance_scale > 1) if units else nullcontext()
     with attached:
         return pipe(list(prompts), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    latents=latents, output_type="pt").images  # (n, 3, H, W) in [0, 1]
+                    latents=latents, output_type="pt", **base.call_options).images  # (n, 3, H, W) in [0, 1]
 
 
 def image_grid(conditions: torch.Tensor, images: torch.Tensor) -> Image.Image:

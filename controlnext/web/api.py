@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..errors import ControlNextError
 from ..metadata import png_with_parameters
-from ..request import SCHEDULERS, TASKS
+from ..request import SCHEDULER_NAMES, TASKS
 from .engine import Engine, available_annotators
 from .schemas import (
     AnnotateRequest,
@@ -64,7 +64,7 @@ def add_api_routes(app: FastAPI, engine: Engine, worker: ModelWorker) -> None:
 
         return ModelsResponse(
             bases=infos("base"), controls=infos("control"), loras=infos("lora"),
-            annotators=available_annotators(), schedulers=list(SCHEDULERS), tasks=list(TASKS),
+            annotators=available_annotators(), schedulers=list(SCHEDULER_NAMES), tasks=list(TASKS),
         )
 
     @app.post("/api/annotate", response_model=AnnotateResponse, responses=ERRORS, tags=["api"])

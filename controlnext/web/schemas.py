@@ -20,7 +20,7 @@ from ..errors import ControlNextError
 from ..request import (
     APPLY_TO,
     RESIZE_MODES,
-    SCHEDULERS,
+    SCHEDULER_NAMES,
     TASKS,
     UNET_WEIGHTS,
     ControlSettings,
@@ -33,7 +33,7 @@ from ..request import (
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an uploaded image, checked before its pixels are decoded
 
-SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 ApplyTo = Literal[tuple(APPLY_TO)]  # type: ignore[valid-type]
 UnetWeights = Literal[UNET_WEIGHTS]  # type: ignore[valid-type]

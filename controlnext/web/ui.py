@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import ControlNextError
 from ..metadata import save_with_parameters
-from ..request import RESIZE_MODES, SCHEDULERS, UNET_WEIGHTS, ControlSettings, GenerationRequest, LoraSettings, settings
+from ..request import RESIZE_MODES, SCHEDULER_NAMES, UNET_WEIGHTS, ControlSettings, GenerationRequest, LoraSettings, settings
 from .catalog import ModelCatalog
 from .engine import Engine, available_annotators
 from .schemas import GenerateRequest, describe_errors
@@ -153,7 +153,7 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                             unit_inputs.append(control_unit(i, catalog, annotators))
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
-                        scheduler = gr.Dropdown(list(SCHEDULERS), value=FIELDS["scheduler"].default, label="Scheduler",
+                        scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value=FIELDS["scheduler"].default, label="Scheduler",
                                                 elem_id="scheduler")
                         steps = slider(FIELDS["steps"], 1, "Steps", "steps")
                         guidance = slider(FIELDS["guidance"], 0.5, "Guidance", "guidance")
