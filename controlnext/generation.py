@@ -121,7 +121,7 @@ def generate(
             note(f"{describe_image(control.image)} has transparency; transparent pixels count as black")
         sources.append(image)
     pipe = load(request)
-    pipe.use_scheduler(request.scheduler)
+    scheduler = pipe.use_scheduler(request.scheduler)
 
     scales = [c.scale if c.scale is not None else loaded.scale for c, loaded in zip(request.controls, pipe.controls)]
     kwargs = dict(
@@ -151,7 +151,7 @@ def generate(
     ).images
 
     controls = [dataclasses.replace(c, scale=scale) for c, scale in zip(request.controls, scales)]
-    used = dataclasses.replace(request, controls=controls)
+    used = dataclasses.replace(request, scheduler=scheduler, controls=controls)
     parameters = [
         dataclasses.replace(used, seed=request.seed + k, width=image.width, height=image.height).parameters()
         for k, image in enumerate(images)

@@ -177,7 +177,11 @@ def test_generate_command_runs_an_sd3_base_with_both_methods(pipe, condition, tm
             "-i", image, "--steps", "2", "--no-progress", "--task", task, "-o", str(tmp_path / "out.png"),
             *extra[task]]
     assert main(argv) == 0 and (tmp_path / "out.png").is_file()
+    from controlnext.metadata import read_parameters
+
+    assert read_parameters(tmp_path / "out.png")["scheduler"] == "euler"  # auto: the base's own flow Euler
     assert main([*argv, "--scheduler", "heun", "-o", str(tmp_path / "heun.png")]) == 0
+    assert read_parameters(tmp_path / "heun.png")["scheduler"] == "heun"
     assert main([*argv, "--scheduler", "ddim"]) == 2  # SD3 samples the flow: one clear line
 
 

@@ -34,8 +34,8 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Replace the pipeline's scheduler by another one built from the same config.
+def set_scheduler(pipe, name: str) -> str:
+    """Replace the pipeline's scheduler by another one built from the same config; returns the name used.
 
     "auto" keeps an SD3 base's own flow-matching sampler and picks UniPC for SD 1.x/2.x and SDXL."""
     import diffusers
@@ -43,13 +43,15 @@ def set_scheduler(pipe, name: str) -> None:
     flow = family_of(pipe) == "sd3"
     known = FLOW_SCHEDULERS if flow else SCHEDULERS
     if name == "auto":
-        if flow:
-            return
+        if flow:  # the base's own sampler, named when it is one of ours
+            own = type(pipe.scheduler).__name__
+            return next((key for key, cls in known.items() if cls == own), "auto")
         name = "unipc"
     if name not in known:
         what = "an SD3 base samples the flow with" if flow else "choose one of"
         raise ControlNextError(f"unknown scheduler {name!r} for this base; {what} {', '.join(['auto', *known])}")
     pipe.scheduler = getattr(diffusers, known[name]).from_config(pipe.scheduler.config)
+    return name
 
 
 def family_of(pipe) -> str:

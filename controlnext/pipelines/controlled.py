@@ -87,10 +87,12 @@ class ControlledPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["pipe"], name)
 
-    def use_scheduler(self, name: str) -> None:
-        """Sample with scheduler `name`, built from the config of the one the pipeline was loaded with."""
+    def use_scheduler(self, name: str) -> str:
+        """Sample with scheduler `name`, built from the config of the one the pipeline was loaded with.
+
+        Returns the name of the scheduler in use ("auto" resolved)."""
         self.pipe.scheduler = self.loaded_scheduler
-        set_scheduler(self.pipe, name)
+        return set_scheduler(self.pipe, name)
 
     def default_size(self) -> tuple[int, int]:
         side = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
