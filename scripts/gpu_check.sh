@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The figures only a GPU gives, in one run (about 5-8 minutes on one H100/H200): SD1.5 at 512 px and SDXL at
-# 1024 px with random weights in fp16 -- generation of each method finite, ControlNeXt at scale 0 equal to
-# the base, one denoising step of base / ControlNeXt / ControlNet, one mixed-precision training step of each
-# (time and peak memory), a whole 30-step generation against diffusers' own ControlNet pipeline, and
-# torch.compile of the UNet with control attached. Writes OUT/gpu-results.json and OUT/gpu-check.log; with
-# --report also BENCHMARKS.md. Usage: bash scripts/gpu_check.sh [OUT] [extra flags for controlnext.bench.gpu]
+# The figures only a GPU gives, in one run (about 10 minutes on one H200): random weights in fp16 for SD1.5,
+# SDXL, SD3-medium and SVD-XT -- generation of each method finite, ControlNeXt at scale 0 equal to the base,
+# whole generation against diffusers' own ControlNet pipelines, step and mixed-precision training cost on the
+# UNets, torch.compile with control attached. See scripts/README.md. Writes OUT/gpu-results.json and
+# OUT/gpu-check.log; --report also rewrites BENCHMARKS.md.
+# Usage: bash scripts/gpu_check.sh [OUT] [--report] [--architecture sd15 sdxl] [other controlnext.bench.gpu flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}

@@ -119,23 +119,26 @@ def _gpu_tables(entry: dict | None) -> list[str]:
     lines = ["## On a GPU", ""]
     if not entry:
         return lines + ["Not measured yet: `bash scripts/gpu_check.sh` on a CUDA machine takes these figures "
-                        "(half-precision checks, step and training cost, whole SDXL generation against diffusers' "
-                        "ControlNet pipeline, `torch.compile`) and adds them here.", ""]
+                        "(half-precision checks, step and training cost, whole generation against diffusers' "
+                        "ControlNet pipelines, `torch.compile`, for SD1.5, SDXL, SD3 and SVD) and adds them here.", ""]
     machine = entry["machine"]
     lines += [f"`python -m controlnext.bench.gpu` on {machine.get('gpu', entry['device'])}, {entry['dtype']}, random "
-              f"weights; wall-clock medians. {_versions(machine)}.", "",
+              f"weights; wall-clock medians; '-' where a measure does not apply. {_versions(machine)}.", "",
               "| base | size | finite (base / ControlNeXt / ControlNet / blank condition) | ControlNeXt scale 0 = base "
               "| step overhead ControlNeXt / ControlNet | whole generation: base / ControlNeXt / diffusers ControlNet "
               "| training step ControlNeXt / ControlNet (peak memory) | torch.compile speed-up (recompiles) |",
               "|---|---|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "NO", None: "-"}
     for name, arch in entry["architectures"].items():
-        check, step, generation = arch["generation_check"], arch["step"]["overhead"], arch["generation"]
-        finite = " / ".join("yes" if check[k] else "NO" for k in (
+        check, generation = arch["generation_check"], arch["generation"]
+        finite = " / ".join(yes[check.get(k)] for k in (
             "base_finite", "controlnext_finite", "controlnet_finite", "controlnext_blank_condition_finite"))
-        median = generation["median"]
-        whole = (f"{median['base']:.2f} s / {median['controlnext']:.2f} s ({generation['overhead']['controlnext']:+.1%}) / "
-                 f"{median['diffusers_controlnet']:.2f} s ({generation['overhead']['diffusers_controlnet']:+.1%}), "
-                 f"{generation['steps']} steps")
+        step = arch.get("step", {}).get("overhead")
+        step = f"{step['controlnext']:+.1%} / {step['controlnet']:+.1%}" if step else "-"
+        median, overhead = generation["median"], generation["overhead"]
+        whole = " / ".join([f"{median['base']:.2f} s"] + [
+            f"{median[k]:.2f} s ({overhead[k]:+.1%})" if k in median else "-"
+            for k in ("controlnext", "diffusers_controlnet")]) + f", {generation['steps']} steps"
         training = "-"
         if arch.get("training"):
             methods = arch["training"]["methods"]
@@ -144,8 +147,10 @@ def _gpu_tables(entry: dict | None) -> list[str]:
         compiled = arch.get("compile")
         compiled = (f"x{compiled['speedup']:.2f} ({compiled['graphs_compiled_after_first_generation']})"
                     if compiled else "-")
-        lines.append(f"| {name} | {arch['size']} px | {finite} | {'yes' if check['controlnext_scale0_equals_base'] else 'NO'} "
-                     f"| {step['controlnext']:+.1%} / {step['controlnet']:+.1%} | {whole} | {training} | {compiled} |")
+        width, height = arch["size"]
+        size = f"{width}x{height} px" + (f", {arch['frames']} frames" if arch.get("frames") else "")
+        lines.append(f"| {name} | {size} | {finite} | {yes[check['controlnext_scale0_equals_base']]} | {step} | {whole} "
+                     f"| {training} | {compiled} |")
     return lines + [""]
 
 

@@ -34,26 +34,26 @@ def build_sd3(name: str, device: str = "meta", seed: int = 0, dtype: torch.dtype
     module for it and an SD3 ControlNet of half its blocks, built directly in `dtype`."""
     from diffusers import SD3Transformer2DModel
 
-    from ..models import ControlNeXtModel, SD3ControlNet
-
     torch.manual_seed(seed)
     config = {**SD3_TRANSFORMERS[name], **({"num_layers": num_layers} if num_layers else {})}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return _build(config, device, SD3Transformer2DModel, ControlNeXtModel, SD3ControlNet)
+        with torch.device(device):
+            transformer = SD3Transformer2DModel(**config).eval()
+            return {"transformer": transformer, **sd3_controls(transformer)}
     finally:
         torch.set_default_dtype(previous)
 
 
-def _build(config: dict, device: str, transformer_class, module_class, controlnet_class) -> dict:
-    with torch.device(device):
-        transformer = transformer_class(**config).eval()
-        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        module = module_class.from_variant("sdxl", out_channels=width, injection="pos_embed",
-                                           pool_before_norm=True).eval()
-        controlnet = controlnet_class.from_base(transformer).eval()
-    return {"transformer": transformer, "controlnext": module, "controlnet": controlnet}
+def sd3_controls(transformer) -> dict:
+    """A v2-layout ControlNeXt module added after the patch embedding of `transformer`, and an SD3 ControlNet
+    of half its blocks (built on the current default device and dtype)."""
+    from ..models import ControlNeXtModel, SD3ControlNet
+
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    module = ControlNeXtModel.from_variant("sdxl", out_channels=width, injection="pos_embed", pool_before_norm=True)
+    return {"controlnext": module.eval(), "controlnet": SD3ControlNet.from_base(transformer).eval()}
 
 
 def count_sd3(name: str, resolution: int = 1024, images: int = 1, text_tokens: int = TEXT_TOKENS) -> dict:
