@@ -32,45 +32,17 @@ VIDEO_FRAMES = {False: 14, True: 6}  # frames of a video check, full size and to
 
 # -- components ------------------------------------------------------------------------------------------
 
-def full_components(architecture: str) -> dict:
-    """Random-weight pipeline parts of the public SD1.5 or SDXL configuration (tokenizer: character-level)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _on_cpu(cls, **config):
+    """A scheduler keeps its tables on the CPU, whatever device the models are being built on."""
+    with torch.device("cpu"):
+        return cls(**config)
+
+
+def _text_parts():
+    """A character-level CLIP tokenizer (77 tokens) and the configs of CLIP ViT-L and OpenCLIP ViT-bigG's text towers."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     from ..testing import write_clip_tokenizer
-
-    with tempfile.TemporaryDirectory(prefix="controlnext-tokenizer-") as folder:
-        write_clip_tokenizer(Path(folder), max_length=77)
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-    text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            projection_dim=768, hidden_act="quick_gelu", **text)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        scaling_factor=0.13025 if architecture == "sdxl" else 0.18215)
-    parts = dict(unet=UNet2DConditionModel(**ARCHITECTURES[architecture]["unet"]), vae=vae,
-                 text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer)
-    if architecture == "sdxl":
-        clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                                projection_dim=1280, hidden_act="gelu", **text)
-        parts.update(text_encoder_2=CLIPTextModelWithProjection(clip_g), tokenizer_2=tokenizer,
-                     scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                      steps_offset=1, timestep_spacing="leading"))
-    else:
-        parts.update(scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                             clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return parts
-
-
-def full_sd3_components() -> dict:
-    """Random-weight SD3-medium parts: its transformer, a 16-channel VAE, both CLIPs; no T5 (diffusers allows it)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from ..testing import write_clip_tokenizer
-    from .sd3 import SD3_MEDIUM
 
     with tempfile.TemporaryDirectory(prefix="controlnext-tokenizer-") as folder:
         write_clip_tokenizer(Path(folder), max_length=77)
@@ -81,12 +53,45 @@ def full_sd3_components() -> dict:
                             projection_dim=768, hidden_act="quick_gelu", **text)
     clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                             projection_dim=1280, hidden_act="gelu", **text)
+    return tokenizer, clip_l, clip_g
+
+
+def full_components(architecture: str) -> dict:
+    """Random-weight pipeline parts of the public SD1.5 or SDXL configuration (tokenizer: character-level)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, clip_l, clip_g = _text_parts()
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.13025 if architecture == "sdxl" else 0.18215)
+    parts = dict(unet=UNet2DConditionModel(**ARCHITECTURES[architecture]["unet"]), vae=vae,
+                 text_encoder=CLIPTextModel(clip_l), tokenizer=tokenizer)
+    if architecture == "sdxl":
+        parts.update(text_encoder_2=CLIPTextModelWithProjection(clip_g), tokenizer_2=tokenizer,
+                     scheduler=_on_cpu(EulerDiscreteScheduler, beta_start=0.00085, beta_end=0.012,
+                                              beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"))
+    else:
+        parts.update(scheduler=_on_cpu(DDIMScheduler, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return parts
+
+
+def full_sd3_components() -> dict:
+    """Random-weight SD3-medium parts: its transformer, a 16-channel VAE, both CLIPs; no T5 (diffusers allows it)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    from .sd3 import SD3_MEDIUM
+
+    tokenizer, clip_l, clip_g = _text_parts()
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     return dict(transformer=SD3Transformer2DModel(**SD3_MEDIUM), vae=vae, text_encoder=CLIPTextModelWithProjection(clip_l),
                 tokenizer=tokenizer, text_encoder_2=CLIPTextModelWithProjection(clip_g), tokenizer_2=tokenizer,
-                text_encoder_3=None, tokenizer_3=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+                text_encoder_3=None, tokenizer_3=None, scheduler=_on_cpu(FlowMatchEulerDiscreteScheduler, shift=3.0))
 
 
 def full_svd_components() -> dict:
@@ -101,8 +106,8 @@ def full_svd_components() -> dict:
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
         image_size=224, projection_dim=1024, hidden_act="gelu"))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+    scheduler = _on_cpu(
+        EulerDiscreteScheduler, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
         num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
         timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
     return dict(unet=UNetSpatioTemporalConditionModel(**SVD_XT_UNET), vae=vae, image_encoder=encoder,
