@@ -32,15 +32,17 @@ def add_flags(parser: argparse.ArgumentParser, config) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", type=Path, default=BASE_MODEL_DIR, help="folder to write (replaced)")
+def main(argv: list[str] | None = None, *, default_output: Path = BASE_MODEL_DIR, training=BaseTrainingConfig,
+         sizes=TinySDConfig, train=train_base_model) -> None:
+    """Parse the flags of a training config and its model sizes, then train (the SD3 script passes its own)."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
+    parser.add_argument("--output", type=Path, default=default_output, help="folder to write (replaced)")
     parser.add_argument("--log", type=Path, help="also append the log to this file")
-    training_names = add_flags(parser.add_argument_group("training"), BaseTrainingConfig())
-    model_names = add_flags(parser.add_argument_group("model sizes"), TinySDConfig())
+    training_names = add_flags(parser.add_argument_group("training"), training())
+    model_names = add_flags(parser.add_argument_group("model sizes"), sizes())
     args = parser.parse_args(argv)
-    model = TinySDConfig(**{name: getattr(args, name) for name in model_names})
-    config = BaseTrainingConfig(**{name: getattr(args, name) for name in training_names}, model=model)
+    model = sizes(**{name: getattr(args, name) for name in model_names})
+    config = training(**{name: getattr(args, name) for name in training_names}, model=model)
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                 file.write(line + "\n")
 
     log(f"config: {config}")
-    train_base_model(args.output, config, log)
+    train(args.output, config, log)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,14 +259,21 @@ def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision:
         shutil.copy(tokenizer_files / name, output / "tokenizer" / name)
 
 
-def train_base_model(output: str | Path, config: BaseTrainingConfig = BaseTrainingConfig(), log: Log = print) -> Path:
-    """Train all parts from scratch and save a StableDiffusionPipeline folder; same seed and threads, same weights."""
+@contextmanager
+def torch_threads(count: int):
+    """Run the block on `count` torch threads (the same seed and threads give the same weights), then restore."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(count)
     try:
-        return _train_base_model(Path(output), config, log)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def train_base_model(output: str | Path, config: BaseTrainingConfig = BaseTrainingConfig(), log: Log = print) -> Path:
+    """Train all parts from scratch and save a StableDiffusionPipeline folder; same seed and threads, same weights."""
+    with torch_threads(config.threads):
+        return _train_base_model(Path(output), config, log)
 
 
 def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Path:

@@ -21,7 +21,8 @@ from ..models.tiny_sd import BASE_MODEL_DIR, build_tokenizer, build_vae
 from ..models.tiny_sd3 import (TinySD3Config, assemble_pipeline, build_scheduler, build_text_encoders,
                                build_transformer)
 from .base_model import (BaseTrainingConfig, Log, averaged_copies, check_reconstruction, cosine_schedule,
-                         encode_latents, evaluate_base, moving_average, render_training_set, tokenize, train_vae)
+                         encode_latents, evaluate_base, moving_average, render_training_set, tokenize, torch_threads,
+                         train_vae)
 from .flow_matching import FlowMatching, noisy_latents
 
 
@@ -143,12 +144,8 @@ def save_sd3_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precis
 def train_sd3_base_model(output: str | Path, config: SD3BaseTrainingConfig = SD3BaseTrainingConfig(),
                          log: Log = print) -> Path:
     """Train the SD3 parts and save a StableDiffusion3Pipeline folder; same seed and threads, same weights."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train(Path(output), config, log)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(output: Path, config: SD3BaseTrainingConfig, log: Log) -> Path:
