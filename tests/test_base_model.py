@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from controlnext.data.shapes import PALETTE, ShapesWorld, make_sample
-from controlnext.metrics import background_rgb, mean_shape_scores, nearest_colour
+from controlnext.metrics import background_rgb, mean_shape_scores
 from controlnext.models.tiny_sd import (BASE_MODEL_DIR, TinySDConfig, build_scheduler, build_text_encoder,
                                         build_tokenizer, build_unet, build_vae, learn_merges, load_base_pipeline,
                                         shapes_words)

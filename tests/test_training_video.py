@@ -13,7 +13,7 @@ from controlnext.errors import ControlNextError
 from controlnext.training.config import TrainConfig
 from controlnext.training.video import (VideoClips, cosine_interpolated_logsnr, dropout_masks, preconditioning,
                                         sample_sigmas)
-from controlnext.videos import read_video, write_mp4
+from controlnext.videos import write_mp4
 
 pytest.importorskip("av")
 

@@ -259,7 +259,7 @@ def _convergence_tables(entries: dict) -> list[str]:
                   ) if bar is not None else ""
         lines += [f"### {label}", "",
                   f"![fidelity against steps, {label}](benchmarks/convergence-{label}.png)", "",
-                  f"ControlNeXt reaches 90% of its final fidelity "
+                  "ControlNeXt reaches 90% of its final fidelity "
                   + (f"{speedup:.1f}x sooner than ControlNet: {verdict}." if speedup else f"- {verdict}.")
                   + (f" {common}" if common else ""),
                   f"Setup: {setup['steps']} steps of batch {setup['batch_size']} at {setup['resolution']} px; learning "

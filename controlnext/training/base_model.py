@@ -27,7 +27,7 @@ from ..denoisers import pipeline_denoiser
 from ..data.shapes import ShapesWorld, render_image
 from ..metrics import mean_shape_scores
 from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
-                              build_vae, write_tokenizer_files)
+                              build_vae)
 
 
 @dataclass
