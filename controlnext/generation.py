@@ -147,7 +147,8 @@ def generate(
     images = pipe(
         request.prompt, control_images=conditions, control_scales=scales,
         control_starts=[c.start for c in request.controls], control_ends=[c.end for c in request.controls],
-        apply_to=request.apply_to, resize_mode=request.resize_mode, **kwargs,
+        apply_to=request.apply_to, resize_mode=request.resize_mode,
+        control_modes=[c.control_mode for c in request.controls], **kwargs,
     ).images
 
     controls = [dataclasses.replace(c, scale=scale) for c, scale in zip(request.controls, scales)]
