@@ -13,7 +13,8 @@ from .config import WebConfig
 
 def require_web_packages() -> None:
     """Raise MissingDependencyError unless the `web` extra (gradio, which brings FastAPI and uvicorn) is installed."""
-    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("gradio", "gradio")):
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("gradio", "gradio"),
+                            ("swagger_ui_bundle", "swagger-ui-bundle")):
         try:
             __import__(module)
         except ImportError:
@@ -79,10 +80,11 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
     worker = ModelWorker(config.queue_size)
 
     app = FastAPI(
-        title="controlnext", version=__version__,
+        title="controlnext", version=__version__, docs_url=None, redoc_url=None,  # /docs below, with no CDN
         description="Controllable image generation with ControlNeXt and ControlNet. Images travel as base64 PNG.",
     )
     app.state.engine, app.state.worker, app.state.catalog = engine, worker, catalog
+    add_offline_docs(app)
     add_api_routes(app, engine, worker)
     app.add_middleware(BodySizeLimit, max_bytes=int(config.max_body_mb * 1e6))
     if config.api_only:
@@ -105,6 +107,26 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
         app, ui, path="/", allowed_paths=[str(output_dir)], max_file_size=int(config.max_body_mb * 1e6),
         ssr_mode=False, footer_links=[],  # the API is ours, at /docs
     )
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def add_offline_docs(app) -> None:
+    """The interactive API page at /docs, its Swagger UI scripts served from the installed swagger-ui-bundle
+    (FastAPI's own page loads them from a CDN, so it stays blank offline)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title="controlnext API", swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
 
 def serve(config: WebConfig) -> None:

@@ -180,6 +180,8 @@ class GeneratedImage(BaseModel):
 class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     seconds: float = Field(description="time spent generating, without waiting in the queue")
+    notes: list[str] = Field(default_factory=list, description="warnings about the input: words or a size the model "
+                             "was not trained on, a colour image given to an edge control")
 
 
 class AnnotateRequest(StrictModel):
