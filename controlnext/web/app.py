@@ -14,7 +14,7 @@ from .config import WebConfig
 def require_web_packages() -> None:
     """Raise MissingDependencyError unless the `web` extra (gradio, which brings FastAPI and uvicorn) is installed."""
     for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("gradio", "gradio"),
-                            ("swagger_ui_bundle", "swagger-ui-bundle")):
+                            ("swagger_ui", "swagger-ui-py")):
         try:
             __import__(module)
         except ImportError:
@@ -92,7 +92,7 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
 
     import gradio as gr
 
-    from .ui import build_ui
+    from .ui import PAGE, build_ui
 
     output_dir = Path(config.output_dir or tempfile.mkdtemp(prefix="controlnext-web-"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
     ui.queue(max_size=config.queue_size, default_concurrency_limit=1)
     return gr.mount_gradio_app(
         app, ui, path="/", allowed_paths=[str(output_dir)], max_file_size=int(config.max_body_mb * 1e6),
-        ssr_mode=False, footer_links=[],  # the API is ours, at /docs
+        ssr_mode=False, footer_links=[], **PAGE,  # the API is ours, at /docs
     )
 
 
@@ -113,13 +113,15 @@ DOCS_ASSETS = "/docs-assets"
 
 
 def add_offline_docs(app) -> None:
-    """The interactive API page at /docs, its Swagger UI scripts served from the installed swagger-ui-bundle
+    """The interactive API page at /docs, its Swagger UI scripts served from the installed swagger-ui-py package
     (FastAPI's own page loads them from a CDN, so it stays blank offline)."""
+    import importlib.util
+
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    assets = Path(importlib.util.find_spec("swagger_ui").origin).parent / "static"  # Swagger UI 5: OpenAPI 3.1
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs():

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..images import prepare_condition, tensor_to_pil
 from ..generation import GenerationResult, Progress, annotate_condition, generate, load_pipeline, pipeline_key
 from ..pipelines import ControlledPipeline
 from ..request import ControlSettings, GenerationRequest, LoraSettings
@@ -96,6 +99,26 @@ class Engine:
             return self._video[1]
 
         return generate_video(request, prepared, load=load)
+
+    def default_size(self, base: str | None) -> tuple[int, int] | None:
+        """The size a base generates at when the request names none, read from its configs (None: not a folder)."""
+        folder = Path(self.catalog.find("base", base).path)
+        try:
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+        return side, side
+
+    def condition(self, annotator: str, image: Image.Image, size: tuple[int, int] | None,
+                  resize_mode: str = "crop_and_resize") -> Image.Image:
+        """Exactly what the control gets from `image`: annotated at the generation size, then brought to it, as
+        `generate` and `ControlledPipeline` do (`size` None: annotated at the image's own size)."""
+        condition = annotate_condition(annotator, image, None, size, resize_mode)
+        if size is None:
+            return condition
+        return tensor_to_pil(prepare_condition(condition, *size, resize_mode))
 
     def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerationResult:
         """Run one validated web request; image k uses seed + k, as `controlnext generate` does."""
