@@ -83,10 +83,11 @@ class ControlSettings:
     end: float = setting("fraction of the schedule where control ends", default=1.0, ge=0, le=1)
     unet_weights: str = setting("how the control's trained UNet tensors are stored (auto: read from the tensors "
                                 "against the base)", default="auto", choices=UNET_WEIGHTS, noun="")
-    control_mode: str = setting("balanced; prompt: the prompt is more important (the control fades: ControlNet's "
-                                "residuals weighted 0.825^k from deep to shallow, ControlNeXt's over the schedule); "
-                                "control: the control is more important (it also acts on the conditional half only, "
-                                "so guidance amplifies it)", default="balanced", choices=CONTROL_MODES)
+    control_mode: str = setting("balanced; prompt: the prompt is more important (ControlNet's residuals weighted "
+                                "0.825^k from deep to shallow; ControlNeXt's addition fading over the schedule); "
+                                "control: the control is more important (it acts on the conditional half of guidance "
+                                "only, so guidance amplifies it; ControlNet keeps the weights of prompt, as A1111)",
+                                default="balanced", choices=CONTROL_MODES)
 
 
 @dataclass

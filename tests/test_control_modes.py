@@ -74,6 +74,19 @@ def test_prompt_mode_of_controlnext_fades_the_control_over_the_schedule():
     assert schedule_weight(0) == 1 and schedule_weight(1) == pytest.approx(SOFT_WEIGHT ** 12)
 
 
+def test_control_mode_of_controlnext_is_the_conditional_half_at_full_scale():
+    from diffusers import DDIMScheduler
+
+    unet, model = tiny_unet(), tiny_controlnext()
+    sample, _, text, condition = inputs()
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[7]
+    control = run(unet, ControlUnit(model, condition, mode="control"), sample, t, text, scheduler=scheduler)
+    cond_only = run(unet, ControlUnit(model, condition), sample, t, text, scheduler=scheduler, apply_to="cond")
+    torch.testing.assert_close(control, cond_only)
+
+
 def test_an_unknown_control_mode_is_refused():
     from controlnext.errors import ControlNextError
 

@@ -95,7 +95,10 @@ class ControlUnit:
     end: float = 1.0  # ... and off
     name: str = ""
     unet_weights: dict[str, torch.Tensor] | None = None  # trained base tensors (absolute), used while active
-    mode: str = "balanced"  # one of CONTROL_MODES (see `soft_weights` and `schedule_weight`)
+    # CONTROL_MODES, as A1111 defines them for ControlNet: "prompt" weighs the residuals (`soft_weights`), "control"
+    # weighs them too and acts on the conditional half only. ControlNeXt adds at one point, so "prompt" weighs its
+    # addition over the schedule instead (`schedule_weight`) and "control" acts on the conditional half at full scale.
+    mode: str = "balanced"
 
     def active_at(self, fraction: float | None, next_fraction: float | None) -> bool:
         if self.scale == 0:
@@ -251,7 +254,7 @@ class ControlAttachment:
             cond_only = cfg and (self.apply_to == "cond" or unit.mode == "control")
             features, rows = self._run_unit(unit, call, timestep, same_t, cfg, half, cond_only)
             strength = float(unit.scale)
-            if unit.mode != "balanced" and unit.model.injection != RESIDUALS:
+            if unit.mode == "prompt" and unit.model.injection != RESIDUALS:
                 strength *= schedule_weight(fraction)
             scale = torch.full((call.items,), strength, device=call.sample.device, dtype=call.sample.dtype)
             if cond_only:
