@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["README.md", "docs/web.md", "docs/training.md", "scripts/README.md"]
+DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "docs").glob("*.md")),
+             "scripts/README.md"]
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 
 # (document, first line of the example) -> why it does not run here
@@ -24,8 +25,11 @@ SKIPPED = {
     ("README.md", "controlnext generate --base /models/stable-diffusion-xl-base-1.0 \\"): "needs SDXL weights",
     ("README.md", 'pip install -c constraints.txt -e ".[web]" && controlnext serve   # open http://127.0.0.1:7860/'):
         "serves until interrupted; tests/test_web.py runs the same app",
-    ("README.md", 'pip install -c constraints.txt -e ".[test,pose,web,browser,train]" && python -m pytest -q'):
+    ("README.md", 'pip install -c constraints.txt -e ".[test,pose,video,web,browser,train]" && python -m pytest -q'):
         "runs this very suite",
+    ("README.md", 'pip install -c constraints.txt -e ".[video,pose]"'): "needs Stable Video Diffusion weights and a GPU",
+    ("docs/video.md", 'pip install -c constraints.txt -e ".[video,pose]"'): "needs Stable Video Diffusion weights and a GPU",
+    ("docs/video.md", "import torch"): "needs Stable Video Diffusion weights and a GPU",
     ("README.md", "import torch"): "needs Stable Diffusion 1.5 weights, a control and a LoRA under /models",
     ("README.md", "controlnext annotate canny photo.jpg -o edges.png --output-size 512x768 --option low_threshold=100 "
                   "high_threshold=200"): "needs the user's photos and control",
