@@ -295,7 +295,7 @@ def test_debug_works_before_and_after_the_subcommand(argv, tiny_control):
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("generate", ["(per control; default: none)", "(default: 20)", "(default: output.png)", "(default: unipc)"]),
+    ("generate", ["(per control; default: none)", "(default: 20)", "(default: output.png)", "(default: auto)"]),
     ("serve", ["(default: 7860)", "(default: 127.0.0.1)", "(default: 8)"]),
 ])
 def test_help_shows_the_defaults(command, expected, capsys):
