@@ -51,12 +51,6 @@ SKIPPED = {
     ("scripts/README.md", "python scripts/train_base.py --output /tmp/tiny_base --train-images 200 --vae-steps 20 "
                           "--unet-steps 30 --eval-every 0"): "trains for half a minute; tests/test_base_model.py runs "
                                                              "the training on fewer steps",
-    ("scripts/README.md", "from controlnext.models.tiny_sd3 import load_sd3_base_pipeline"):
-        "needs runs/sd3-base, which scripts/retrain_sd3.sh writes",
-    ("scripts/README.md", "bash scripts/retrain_sd3.sh            # base model, canny control, quality figures (one "
-                          "thread)"): "retrains the shipped SD3 model (hours)",
-    ("scripts/README.md", "python -m controlnext bench --convergence --base controlnext/assets/sd3-base --steps 800 "
-                          "--validate-every 50 \\"): "trains two methods for 800 steps each",
 }
 SERVER_PORT = 7860  # what the curl example of docs/web.md talks to
 
