@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .advice import condition_note, prompt_note, size_note
 from .devices import default_dtype, resolve_device
 from .errors import ControlNextError
 from .images import load_image, to_rgb
@@ -32,6 +33,7 @@ Loader = Callable[[GenerationRequest], ControlledPipeline]
 class GenerationResult:
     images: list[Image.Image]
     parameters: list[dict]  # per image, what its PNG stores: the values used (image k: seed + k)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user was told (see `note` of generate)
 
 
 def settle(request: GenerationRequest) -> GenerationRequest:
@@ -114,11 +116,22 @@ def generate(
     """
     request = settle(request.check())
     check_annotators(request)
+    notes = []
+
+    def tell(text: str | None) -> None:
+        if text:
+            notes.append(text)
+            if note is not None:
+                note(text)
+
+    tell(prompt_note(request.prompt, request.base))
+    tell(size_note(request.width, request.height, request.base))
     sources = []
     for control in request.controls:
         image = _open(control.image)
-        if note is not None and ("A" in image.getbands() or "transparency" in image.info):
-            note(f"{describe_image(control.image)} has transparency; transparent pixels count as black")
+        if "A" in image.getbands() or "transparency" in image.info:
+            tell(f"{describe_image(control.image)} has transparency; transparent pixels count as black")
+        tell(condition_note(resolve_control(control.control), control.annotator, image))
         sources.append(image)
     pipe = load(request)
     scheduler = pipe.use_scheduler(request.scheduler)
@@ -147,7 +160,8 @@ def generate(
     images = pipe(
         request.prompt, control_images=conditions, control_scales=scales,
         control_starts=[c.start for c in request.controls], control_ends=[c.end for c in request.controls],
-        apply_to=request.apply_to, resize_mode=request.resize_mode, **kwargs,
+        apply_to=request.apply_to, resize_mode=request.resize_mode,
+        control_modes=[c.control_mode for c in request.controls], **kwargs,
     ).images
 
     controls = [dataclasses.replace(c, scale=scale) for c, scale in zip(request.controls, scales)]
@@ -156,7 +170,7 @@ def generate(
         dataclasses.replace(used, seed=request.seed + k, width=image.width, height=image.height).parameters()
         for k, image in enumerate(images)
     ]
-    return GenerationResult(images, parameters)
+    return GenerationResult(images, parameters, notes)
 
 
 def _open(image) -> Image.Image:

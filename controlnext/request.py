@@ -40,6 +40,9 @@ RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")  # how a co
 UNET_WEIGHTS = ("auto", "absolute", "increments")  # how a control's UNet tensors are stored; auto: read from them
 DTYPES = ("fp32", "fp16", "bf16")
 APPLY_TO = ("both", "cond")
+# A1111's control modes: "balanced", "my prompt is more important", "ControlNet is more important"
+CONTROL_MODES = ("balanced", "prompt", "control")
+OFFLOADS = ("model", "sequential")  # diffusers' CPU offload: whole models, or layer by layer
 SIZE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse other sizes, whatever the VAE's factor
 UPLOADED = "sha256:"  # prefix of an image known only by its fingerprint (uploaded to the web app)
 
@@ -80,6 +83,11 @@ class ControlSettings:
     end: float = setting("fraction of the schedule where control ends", default=1.0, ge=0, le=1)
     unet_weights: str = setting("how the control's trained UNet tensors are stored (auto: read from the tensors "
                                 "against the base)", default="auto", choices=UNET_WEIGHTS, noun="")
+    control_mode: str = setting("balanced; prompt: the prompt is more important (ControlNet's residuals weighted "
+                                "0.825^k from deep to shallow; ControlNeXt's addition fading over the schedule); "
+                                "control: the control is more important (it acts on the conditional half of guidance "
+                                "only, so guidance amplifies it; ControlNet keeps the weights of prompt, as A1111)",
+                                default="balanced", choices=CONTROL_MODES)
 
 
 @dataclass
@@ -145,8 +153,9 @@ class GenerationRequest:
                           metavar="DEVICE", replay=False)
     dtype: str | None = setting("precision (default: fp32 on the CPU, fp16 on a GPU)", default=None, choices=DTYPES)
     without_t5: bool = setting("leave out SD3's third text encoder (T5), as diffusers allows", default=False)
-    offload: bool = setting("keep each part of the base on the CPU until it runs (large bases such as SD3.5-large "
-                            "on a GPU)", default=False, record=False)
+    offload: str | None = setting("keep the weights in CPU memory and move them to the device as they run: whole "
+                                  "models (model) or layer by layer (sequential: least memory, slowest); the images "
+                                  "are the same (default: no offload)", default=None, choices=OFFLOADS, replay=False)
     allow_pickle: bool = setting("allow reading pickled .bin/.pth weights (trusted files only)", default=False,
                                  record=False)
     allow_download: bool = setting("allow downloading a base model id from the Hugging Face Hub", default=False,

@@ -286,3 +286,31 @@ def test_bad_serve_settings_are_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--debug", "generate"], ["generate", "--debug"]])
+def test_debug_works_before_and_after_the_subcommand(argv, tiny_control):
+    with pytest.raises(Exception, match="image file not found"):
+        main([*argv, "-p", "x", "-c", str(tiny_control), "-i", "missing.png"])
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("generate", ["(per control; default: none)", "(default: 20)", "(default: output.png)", "(default: auto)"]),
+    ("serve", ["(default: 7860)", "(default: 127.0.0.1)", "(default: 8)"]),
+])
+def test_help_shows_the_defaults(command, expected, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(default in text for default in expected)
+
+
+def test_bitsandbytes_import_notices_are_hidden(capsys):
+    import logging
+
+    from controlnext.cli import quiet_unused_bitsandbytes
+
+    quiet_unused_bitsandbytes()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+    assert "gemm_4bit" not in capsys.readouterr().err
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)

@@ -4,8 +4,10 @@ in a headless Chromium; all on the tiny model."""
 from __future__ import annotations
 
 import base64
+import asyncio
 import contextlib
 import io
+import os
 import shutil
 import socket
 import threading
@@ -464,34 +466,83 @@ def test_serve_without_the_web_extra_says_what_to_install(monkeypatch, capsys):
 
 # -- the web UI in a real browser -------------------------------------------------------------------------
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+SCREENSHOTS = "CONTROLNEXT_SCREENSHOTS"  # set to 1 to write the UI screenshots of docs/web.md to docs/images
+
+
+@pytest.fixture(scope="module")
+def embedded_server(tmp_path_factory):
+    """The full app with the models shipped in the package, as `controlnext serve` starts it."""
+    torch.set_num_threads(1)
+    app = create_app(WebConfig(output_dir=str(tmp_path_factory.mktemp("web-embedded"))))
+
+    async def slow_uploads(scope, receive, send):  # as on a slow network: an upload lands a second after it starts
+        if scope["type"] == "http" and scope["path"].endswith("/upload"):
+            await asyncio.sleep(1.0)
+        await app(scope, receive, send)
+
+    with running(slow_uploads) as client:
+        yield client
+
+
+def fetch_image(page, selector: str) -> Image.Image:
+    source = page.wait_for_selector(selector).get_attribute("src")
+    return Image.open(io.BytesIO(page.request.get(source).body()))
+
+
 @pytest.mark.browser
-def test_browser_generates_an_image_into_the_gallery(server, tmp_path):
+def test_browser_generates_what_the_cli_does_right_after_an_upload(embedded_server, tmp_path):
+    """Generate clicked at once after an upload waits for it; the preview is the control's exact input; the image
+    equals the CLI's for the same inputs; the page warns about words the model never saw; screenshots."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    condition = tmp_path / "condition.png"
-    square_condition().save(condition)
+    from controlnext.cli import main
+
+    condition, prompt = REPOSITORY / "examples" / "circle.png", "a red circle on a blue background"
+    shots = REPOSITORY / "docs" / "images" if os.environ.get(SCREENSHOTS) else tmp_path
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(60_000)
-            page.goto(str(server.base_url))
+            page.goto(str(embedded_server.base_url))
             page.wait_for_selector("#generate")
-            page.fill("#prompt textarea", "a red circle")
-            page.locator("#control-image-0 input[type=file]").set_input_files(str(condition))
-            page.wait_for_selector("#preview-0 img")  # the condition preview appears after the upload
-            for selector, value in (("#steps input[type=number]", "2"), ("#seed input", "5")):
+            page.fill("#prompt textarea", "a cat")
+            page.wait_for_selector("#prompt-notes :text(\"never saw 'cat'\")")
+            page.fill("#prompt textarea", prompt)
+            for selector, value in (("#steps input[type=number]", "12"), ("#seed input", "5")):
                 page.fill(selector, value)
                 page.press(selector, "Enter")
-            page.click("#generate")
-            image = page.wait_for_selector("#gallery img")
-            png = page.request.get(image.get_attribute("src")).body()
+            page.locator("#control-image-0 input[type=file]").set_input_files(str(condition))
+            page.click("#generate")  # at once, before the upload has landed
+            gallery = fetch_image(page, "#gallery img")
+            preview = fetch_image(page, "#preview-0 img")
+            page.screenshot(path=str(shots / "web-ui-desktop.png"), full_page=True)
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+            phone.goto(str(embedded_server.base_url))
+            phone.wait_for_selector("#generate")
+            phone.locator("#examples tbody tr").first.click()  # an example fills the prompt and the condition
+            phone.wait_for_selector("#preview-0 img", state="attached").scroll_into_view_if_needed()
+            phone.wait_for_function("document.querySelector('#preview-0 img').complete")
+            phone.evaluate("window.scrollTo(0, 0)")
+            phone.screenshot(path=str(shots / "web-ui-phone.png"), full_page=True)
         finally:
             browser.close()
-    parameters = read_parameters(io.BytesIO(png))
-    assert (parameters["prompt"], parameters["steps"], parameters["seed"]) == ("a red circle", 2, 5)
-    assert len(parameters["controls"]) == 1 and Image.open(io.BytesIO(png)).size == (64, 64)
+    out = tmp_path / "cli.png"
+    assert main(["generate", "-p", prompt, "--control", "canny", "--image", str(condition), "--steps", "12", "--seed",
+                 "5", "--no-progress", "-o", str(out)]) == 0
+    np.testing.assert_array_equal(np.asarray(gallery.convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
+    np.testing.assert_array_equal(np.asarray(preview.convert("RGB")), np.asarray(Image.open(condition).convert("RGB")))
+    assert read_parameters(out)["prompt"] == prompt
+
+
+def test_the_api_docs_page_loads_nothing_from_other_hosts(server):
+    page = server.get("/docs")
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    assert "https://" not in page.text and "http://" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert server.get(f"/docs-assets/{asset}").status_code == 200
 
 
 def test_annotate_refuses_a_resolution_beyond_the_pixel_limit(server):
@@ -516,3 +567,14 @@ def test_generate_annotates_at_the_generation_size(server, names, monkeypatch):
     body["controls"][0]["annotator"] = "canny"
     assert server.post("/api/generate", json=body).status_code == 200
     assert sizes == [(64, 80)]
+
+
+def test_control_mode_and_offload_reach_the_library_and_the_parameters(server, names):
+    body = request_body(names, offload="model")
+    body["controls"][0]["control_mode"] = "control"
+    answer = server.post("/api/generate", json=body).json()
+    parameters = answer["images"][0]["parameters"]
+    assert parameters["controls"][0]["control_mode"] == "control" and parameters["offload"] == "model"
+    assert answer["notes"] == []
+    body["controls"][0]["control_mode"] = "louder"
+    assert server.post("/api/generate", json=body).status_code == 422

@@ -18,14 +18,18 @@ from ..errors import ControlNextError
 SUBCOMMANDS = ["generate", "video", "annotate", "train", "serve", "bench"]
 
 
+DEBUG_HELP = "show full tracebacks on errors"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser = argparse.ArgumentParser(
         prog="controlnext",
         description="Controllable image and video generation with ControlNeXt and ControlNet.",
-        parents=[parent],
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP + " (here or after the subcommand)")
+    # A subcommand's --debug leaves the value alone unless given, so `controlnext --debug generate` keeps it.
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(subparsers, parent)
@@ -45,6 +49,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("transformers", "diffusers", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_unused_bitsandbytes() -> None:
+    """Hide bitsandbytes' import-time notices about CPU kernels: diffusers and peft import it when installed, and
+    nothing here uses it outside 8-bit training, so its warnings read like errors of ours."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def quiet_loading_bars() -> None:

@@ -28,7 +28,8 @@ def add_parser(subparsers, parent) -> None:
     p.add_argument("--from", dest="from_png", metavar="PNG", help="start from the parameters stored in a PNG made by "
                    "controlnext (all but --device); flags given too replace them, --control replaces its controls")
     add_request_arguments(p)
-    p.add_argument("--output", "-o", default="output.png", help="output PNG; with several images, _0, _1, ... are added")
+    p.add_argument("--output", "-o", default="output.png", help="output PNG; with several images, _0, _1, ... are added "
+                   "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(check=check, run=run)
 
@@ -57,10 +58,11 @@ def _add(parser: argparse.ArgumentParser, spec: Setting, repeat: bool = False) -
     if spec.kind is bool:
         parser.add_argument(*names, action="store_true", default=None, help=help_text)
         return
-    if not spec.required and spec.default not in (None, "") and not repeat:
-        help_text += f" (default: {spec.default})"
     if repeat:
-        help_text += " (per control)"
+        help_text += " (per control"
+        help_text += f"; default: {spec.default})" if not spec.required and spec.default is not None else ")"
+    elif not spec.required and spec.default is not None:
+        help_text += f" (default: {spec.default!r})" if spec.default == "" else f" (default: {spec.default})"
     value_type = spec.kind if spec.kind in (int, float) else str
     metavar = spec.metavar or ("{" + ",".join(spec.choices) + "}" if spec.choices else METAVARS.get(spec.kind, "TEXT"))
     parser.add_argument(*names, type=value_type, action="append" if repeat else "store", default=None,
@@ -121,10 +123,13 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import generate
-    from . import quiet_loading_bars
+    from . import quiet_loading_bars, quiet_unused_bitsandbytes
 
-    if not getattr(args, "debug", False):
+    if not args.debug:
+        quiet_unused_bitsandbytes()  # before diffusers imports it
+    from ..generation import generate
+
+    if not args.debug:
         quiet_loading_bars()
 
     request = getattr(args, "request", None) or request_from_args(args)

@@ -19,6 +19,8 @@ def add_parser(subparsers, parent) -> None:
     hints = typing.get_type_hints(WebConfig)
     for field in dataclasses.fields(WebConfig):
         flag, kind, help_text = "--" + field.name.replace("_", "-"), hints[field.name], field.metadata["help"]
+        if field.default not in (None, False, dataclasses.MISSING) and "default:" not in help_text:
+            help_text += f" (default: {field.default})"
         if kind is bool:
             p.add_argument(flag, action="store_true", help=help_text)
         elif typing.get_origin(kind) is list:
@@ -34,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = WebConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WebConfig)})
     config.check()
-    if not getattr(args, "debug", False):
-        from . import quiet_loading_bars
+    if not args.debug:
+        from . import quiet_loading_bars, quiet_unused_bitsandbytes
 
+        quiet_unused_bitsandbytes()
         quiet_loading_bars()
     serve(config)
     return 0

@@ -25,6 +25,9 @@ from ..errors import ControlNextError
 
 ApplyTo = Literal["both", "cond"]
 RESIDUALS = "residuals"  # the `injection` of methods that pass their outputs as residual arguments
+CONTROL_MODES = ("balanced", "prompt", "control")  # A1111's: balanced, prompt / control is more important
+SOFT_WEIGHT = 0.825  # A1111's soft injection: residual k of 13 (shallow to deep) weighted 0.825^(12 - k)
+SOFT_DEPTHS = 13  # SD1.5's ControlNet residuals (12 down, 1 mid): the span of A1111's weights, 1 to 0.825^12
 
 
 class ControlModel(Protocol):
@@ -92,6 +95,10 @@ class ControlUnit:
     end: float = 1.0  # ... and off
     name: str = ""
     unet_weights: dict[str, torch.Tensor] | None = None  # trained base tensors (absolute), used while active
+    # CONTROL_MODES, as A1111 defines them for ControlNet: "prompt" weighs the residuals (`soft_weights`), "control"
+    # weighs them too and acts on the conditional half only. ControlNeXt adds at one point, so "prompt" weighs its
+    # addition over the schedule instead (`schedule_weight`) and "control" acts on the conditional half at full scale.
+    mode: str = "balanced"
 
     def active_at(self, fraction: float | None, next_fraction: float | None) -> bool:
         if self.scale == 0:
@@ -128,8 +135,12 @@ class ControlAttachment:
     def __post_init__(self):
         if self.apply_to not in ("both", "cond"):
             raise ControlNextError(f"apply_to must be 'both' or 'cond', not {self.apply_to!r}")
+        for unit in self.units:
+            if unit.mode not in CONTROL_MODES:
+                raise ControlNextError(f"unknown control mode {unit.mode!r}; choose one of {', '.join(CONTROL_MODES)}")
         self._entry = describe(self.denoiser)
         params = dict(self.denoiser.named_parameters())
+        self._offloaded = offloaded_weights(self.denoiser)
         for unit in self.units:
             check_fits(unit.model, self.denoiser, f"control {unit.name or type(unit.model).__name__!r}")
             for name, value in (unit.unet_weights or {}).items():
@@ -138,7 +149,8 @@ class ControlAttachment:
                         f"control {unit.name!r} changes base weight {name!r}, which this base model does not have "
                         "with that shape; use the base model the control was trained for"
                     )
-                self._base_weights.setdefault(name, params[name].data)
+                base = params[name].data if self._offloaded is None else self._offloaded[name]
+                self._base_weights.setdefault(name, base)
         self._handles.append(self.denoiser.register_forward_pre_hook(self._before_denoiser, with_kwargs=True))
         for name in dict.fromkeys(unit.model.injection for unit in self.units if unit.model.injection != RESIDUALS):
             site, module = find_site(self.denoiser, name)
@@ -178,7 +190,11 @@ class ControlAttachment:
             self._weights_cache = {key: combined}  # keep one combination: the one in use
         combined = self._weights_cache[key]
         for name, base in self._base_weights.items():
-            params[name].data = combined.get(name, base)
+            value = combined.get(name, base)
+            if self._offloaded is not None:
+                self._offloaded[name] = value  # loaded from here by the offload hook at each call
+            else:
+                params[name].data = value.to(params[name].device)  # model offload moves the denoiser between devices
         self._weights_state = key
 
     def __enter__(self) -> "ControlAttachment":
@@ -235,13 +251,19 @@ class ControlAttachment:
             if unit.condition is None:
                 raise ControlNextError(f"control {unit.name or unit.model.injection!r} has no condition image")
             cfg, half = self._layout(call, unit.condition.shape[0])
-            features, rows = self._run_unit(unit, call, timestep, same_t, cfg, half)
-            scale = torch.full((call.items,), float(unit.scale), device=call.sample.device, dtype=call.sample.dtype)
-            if cfg and self.apply_to == "cond":
+            cond_only = cfg and (self.apply_to == "cond" or unit.mode == "control")
+            features, rows = self._run_unit(unit, call, timestep, same_t, cfg, half, cond_only)
+            strength = float(unit.scale)
+            if unit.mode == "prompt" and unit.model.injection != RESIDUALS:
+                strength *= schedule_weight(fraction)
+            scale = torch.full((call.items,), strength, device=call.sample.device, dtype=call.sample.dtype)
+            if cond_only:
                 scale[:half] = 0
             scale = _per_item_rows(scale, call.rows_per_item)  # (rows,)
             if unit.model.injection == RESIDUALS:
                 values = unit.model.residual_arguments(features, scale[rows])
+                if unit.mode != "balanced":
+                    values = soft_weights(values)
                 residuals.append({name: _pad_rows(value, rows, call.rows) for name, value in values.items()})
             else:
                 self._pending.setdefault(unit.model.injection, []).append(_Pending(unit, features, scale))
@@ -250,7 +272,7 @@ class ControlAttachment:
             args, kwargs = _add_residuals(module, args, kwargs, call.inputs, residuals)
         return args, kwargs
 
-    def _run_unit(self, unit, call: DenoiserCall, timestep, same_t, cfg, half):
+    def _run_unit(self, unit, call: DenoiserCall, timestep, same_t, cfg, half, cond_only):
         """Run a control model on the fewest rows that give its output for every row of the call."""
         model = unit.model
         per_item, total = call.rows_per_item, call.rows
@@ -269,7 +291,7 @@ class ControlAttachment:
                 features = _cat_rows(features, features)  # (rows, ...) both halves see the same condition
             return features, slice(0, total)
         # Prompt-dependent controls (ControlNet) run on the rows they act on, with those rows' inputs.
-        items = slice(half, call.items) if cfg and self.apply_to == "cond" else slice(0, call.items)
+        items = slice(half, call.items) if cond_only else slice(0, call.items)
         rows = slice(items.start * per_item, items.stop * per_item)
         full = _spread(condition, condition.shape[0], half_rows, per_item)
         full = _cat_rows(full, full) if cfg else full
@@ -313,6 +335,42 @@ def attach_control(
     """Attach control units to an unmodified denoiser; returns the attachment (call `.detach()` to undo)."""
     units = [units] if isinstance(units, ControlUnit) else list(units)
     return ControlAttachment(denoiser, units, scheduler=scheduler, apply_to=apply_to, cfg=cfg)
+
+
+def offloaded_weights(denoiser: nn.Module) -> dict | None:
+    """Under accelerate's sequential CPU offload a module's weights live in one CPU dict (its hooks' `weights_map`)
+    and are loaded from it at every call, so trained weights go there; None when the module holds its weights."""
+    for module in denoiser.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):  # one hook, or accelerate's SequentialHook of several
+            weights = getattr(part, "weights_map", None)
+            if getattr(part, "offload", False) and weights is not None:
+                return getattr(weights, "dataset", weights)  # a PrefixedDataset over the whole model's dict
+    return None
+
+
+def soft_weights(values: dict[str, Any]) -> dict[str, Any]:
+    """A1111's soft injection: the residuals, in the method's order (shallow to deep), times 0.825^(n - 1 - k).
+
+    With SD1.5's 13 ControlNet residuals this is exactly A1111's sequence: the mid block's residual keeps its
+    weight and the shallowest, which carries the finest detail, gets 0.825^12 = 0.1.
+    """
+    flat = [t for value in values.values() for t in (value if isinstance(value, (tuple, list)) else (value,))]
+    weights = iter(SOFT_WEIGHT ** (len(flat) - 1 - k) for k in range(len(flat)))
+
+    def weigh(value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(t * next(weights) for t in value)
+        return value * next(weights)
+
+    return {name: weigh(value) for name, value in values.items()}
+
+
+def schedule_weight(fraction: float | None) -> float:
+    """The soft weights over time for a method with one injection point (ControlNeXt): 1 at the first step, falling
+    as 0.825^(12 * fraction of the schedule done), so the early steps that lay out the image follow the control as
+    in balanced mode and the late steps that settle detail and colour follow the prompt (None: not known, 1)."""
+    return 1.0 if fraction is None else SOFT_WEIGHT ** ((SOFT_DEPTHS - 1) * fraction)
 
 
 def _map_rows(x: Any, function) -> Any:

@@ -14,7 +14,7 @@ from ..control.loading import LoadedControl, load_control
 from ..denoisers import pipeline_denoiser
 from ..errors import ControlNextError
 from ..images import check_size, load_image, prepare_condition
-from ..request import SIZE_MULTIPLE
+from ..request import OFFLOADS, SIZE_MULTIPLE
 from .base import call_defaults, load_base, load_loras, set_scheduler
 
 
@@ -25,7 +25,8 @@ class ControlledPipeline:
     so `self.pipe` stays the unmodified diffusers pipeline. Other keyword arguments go to diffusers.
     """
 
-    def __init__(self, pipe, controls: Sequence[LoadedControl] = ()):
+    def __init__(self, pipe, controls: Sequence[LoadedControl] = (), device: str | torch.device | None = None):
+        """`device`: where the controls run (default: the pipeline's device; under CPU offload, where it computes)."""
         self.pipe = pipe
         self.controls = list(controls)
         self.loaded_scheduler = pipe.scheduler  # every `use_scheduler` starts from its config
@@ -33,7 +34,7 @@ class ControlledPipeline:
         for control in self.controls:
             if control.model.dtype != self.denoiser.dtype:
                 control.model.to(self.denoiser.dtype)
-            control.model.to(pipe._execution_device)  # the GPU, also when the base is offloaded to the CPU
+            control.model.to(device or pipe._execution_device)
 
     @classmethod
     def from_pretrained(
@@ -51,21 +52,26 @@ class ControlledPipeline:
         base_config: str | None = None,
         cache_dir: str | None = None,
         unet_weights: str | Sequence[str] = "auto",
-        offload: bool = False,
+        offload: str | None = None,
         without_t5: bool = False,
         **control_options,
     ) -> "ControlledPipeline":
         """Load a base model (None: the embedded default) and controls (paths or loaded) onto `device`.
 
         `unet_weights` ("auto", "absolute" or "increments"; one, or one per control) says how each control's
-        trained UNet tensors are stored; "auto" reads it from the tensors against this base.
-        `offload` keeps each part of the base on the CPU until it runs (diffusers' model offload, for bases
-        larger than the GPU's memory); `without_t5` leaves out SD3's third text encoder.
+        trained UNet tensors are stored; "auto" reads it from the tensors against this base. `offload` ("model"
+        or "sequential") keeps the base model's weights in CPU memory and moves them to `device` as they run
+        (diffusers' `enable_model_cpu_offload` / `enable_sequential_cpu_offload`: bases larger than the GPU's
+        memory); the controls stay on `device`. `without_t5` leaves out SD3's third text encoder.
         """
+        if offload not in (None, *OFFLOADS):
+            raise ControlNextError(f"unknown offload {offload!r}; choose one of {', '.join(OFFLOADS)}")
+        if offload == "sequential" and torch.device(device).type == "cpu":
+            # diffusers offloads to "cpu:0", where accelerate 1.15 cannot move weights back to "meta"
+            raise ControlNextError("sequential offload needs a GPU device (the weights already are in CPU memory); "
+                                   "drop the offload on a CPU")
         pipe = load_base(base, task=task, device="cpu" if offload else device, dtype=dtype, config=base_config,
                          allow_download=allow_download, cache_dir=cache_dir, without_t5=without_t5)
-        if offload:
-            pipe.enable_model_cpu_offload(device=device)
         load_loras(pipe, list(loras))
         modes = [unet_weights] * len(controls) if isinstance(unet_weights, str) else list(unet_weights)
         if len(modes) == 1:
@@ -79,7 +85,11 @@ class ControlledPipeline:
             else load_control(c, denoiser, allow_pickle=allow_pickle, **_unless_auto(unet_weights=mode), **control_options)
             for c, mode in zip(controls, modes)
         ]
-        controlled = cls(pipe, loaded)
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        controlled = cls(pipe, loaded, device=device)
         if scheduler:
             controlled.use_scheduler(scheduler)
         return controlled
@@ -108,9 +118,14 @@ class ControlledPipeline:
         control_ends: Sequence[float] | float = 1.0,
         apply_to: str = "both",
         resize_mode: str = "crop_and_resize",
+        control_modes: Sequence[str] | str = "balanced",
         **kwargs,
     ):
-        """Generate; condition images are brought to the image size with `resize_mode` (see prepare_condition)."""
+        """Generate; condition images are brought to the image size with `resize_mode` (see prepare_condition).
+
+        `control_modes` (one, or one per control): "balanced", "prompt" or "control" (is more important), as
+        A1111 names them; see `controlnext.control.attach.soft_weights` and `schedule_weight`.
+        """
         n = len(self.controls)
         images = list(control_images or [])
         if len(images) != n:
@@ -118,6 +133,11 @@ class ControlledPipeline:
         scales = _per_control(control_scales, [c.scale for c in self.controls], n, "scale")
         starts = _per_control(control_starts, None, n, "start")
         ends = _per_control(control_ends, None, n, "end")
+        modes = [control_modes] * n if isinstance(control_modes, str) else list(control_modes)
+        if len(modes) == 1:
+            modes *= n
+        if len(modes) != n:
+            raise ControlNextError(f"{len(modes)} control modes for {n} controls; give one, or one per control")
         for start, end in zip(starts, ends):
             if not 0 <= start <= end <= 1:
                 raise ControlNextError(f"control window start={start}, end={end}: need 0 <= start <= end <= 1")
@@ -129,8 +149,8 @@ class ControlledPipeline:
             kwargs.setdefault("height", height)
         units = [
             ControlUnit(control.model, self._condition_batch(image, width, height, control.model, resize_mode), scale,
-                        start, end, name=Path(control.source).name, unet_weights=control.unet_weights)
-            for control, image, scale, start, end in zip(self.controls, images, scales, starts, ends)
+                        start, end, name=Path(control.source).name, unet_weights=control.unet_weights, mode=mode)
+            for control, image, scale, start, end, mode in zip(self.controls, images, scales, starts, ends, modes)
         ]
         kwargs = {**call_defaults(self.pipe), **kwargs}
         guidance = kwargs.get("guidance_scale", getattr(self.pipe, "_guidance_scale", 7.5))

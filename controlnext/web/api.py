@@ -122,7 +122,7 @@ def generate_response(engine: Engine, request: GenerateRequest) -> GenerateRespo
                        seed=parameters["seed"], parameters=parameters)
         for image, parameters in zip(generated.images, generated.parameters)
     ]
-    return GenerateResponse(images=images, seconds=round(seconds, 3))
+    return GenerateResponse(images=images, seconds=round(seconds, 3), notes=generated.notes)
 
 
 class BodySizeLimit:

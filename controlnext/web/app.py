@@ -13,7 +13,8 @@ from .config import WebConfig
 
 def require_web_packages() -> None:
     """Raise MissingDependencyError unless the `web` extra (gradio, which brings FastAPI and uvicorn) is installed."""
-    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("gradio", "gradio")):
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("gradio", "gradio"),
+                            ("swagger_ui", "swagger-ui-py")):
         try:
             __import__(module)
         except ImportError:
@@ -79,10 +80,11 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
     worker = ModelWorker(config.queue_size)
 
     app = FastAPI(
-        title="controlnext", version=__version__,
+        title="controlnext", version=__version__, docs_url=None, redoc_url=None,  # /docs below, with no CDN
         description="Controllable image generation with ControlNeXt and ControlNet. Images travel as base64 PNG.",
     )
     app.state.engine, app.state.worker, app.state.catalog = engine, worker, catalog
+    add_offline_docs(app)
     add_api_routes(app, engine, worker)
     app.add_middleware(BodySizeLimit, max_bytes=int(config.max_body_mb * 1e6))
     if config.api_only:
@@ -90,7 +92,7 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
 
     import gradio as gr
 
-    from .ui import build_ui
+    from .ui import PAGE, build_ui
 
     output_dir = Path(config.output_dir or tempfile.mkdtemp(prefix="controlnext-web-"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,30 @@ def create_app(config: WebConfig | None = None, catalog: ModelCatalog | None = N
     ui.queue(max_size=config.queue_size, default_concurrency_limit=1)
     return gr.mount_gradio_app(
         app, ui, path="/", allowed_paths=[str(output_dir)], max_file_size=int(config.max_body_mb * 1e6),
-        ssr_mode=False, footer_links=[],  # the API is ours, at /docs
+        ssr_mode=False, footer_links=[], **PAGE,  # the API is ours, at /docs
     )
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def add_offline_docs(app) -> None:
+    """The interactive API page at /docs, its Swagger UI scripts served from the installed swagger-ui-py package
+    (FastAPI's own page loads them from a CDN, so it stays blank offline)."""
+    import importlib.util
+
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(importlib.util.find_spec("swagger_ui").origin).parent / "static"  # Swagger UI 5: OpenAPI 3.1
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title="controlnext API", swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
 
 def serve(config: WebConfig) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gc
+import json
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..images import prepare_condition, tensor_to_pil
 from ..generation import GenerationResult, Progress, annotate_condition, generate, load_pipeline, pipeline_key
 from ..pipelines import ControlledPipeline
-from ..request import ControlSettings, GenerationRequest, LoraSettings
+from ..request import ControlSettings, GenerationRequest, LoraSettings, resolve_control
 from ..video_generation import (VideoConditions, VideoRequest, VideoResult, conditions, generate_video,
                                 load_video_pipeline)
 from .catalog import ModelCatalog
@@ -24,6 +27,11 @@ def available_annotators() -> list[str]:
     except ImportError:
         return ["none"]
     return ["none", *list_annotators()]
+
+
+def control_reference(entry) -> str:
+    """How a request names a catalog control: a bundled one by its name, any other by its path."""
+    return entry.name if entry.source == "bundled" and resolve_control(entry.name) == entry.path else entry.path
 
 
 class Engine:
@@ -45,11 +53,12 @@ class Engine:
         return len(self._pipelines)
 
     def request(self, web: GenerateRequest) -> GenerationRequest:
-        """The library request for a web request: catalog names become paths; the server's device and dtype."""
+        """The library request for a web request: catalog names become paths (a bundled control keeps its name, as
+        `controlnext generate --control canny` names it); the server's device and dtype."""
         base = self.catalog.find("base", web.base)
         controls = [
-            ControlSettings(**{**c.model_dump(exclude={"image"}), "control": self.catalog.find("control", c.control).path,
-                               "image": c.image})
+            ControlSettings(**{**c.model_dump(exclude={"image"}), "control": control_reference(
+                self.catalog.find("control", c.control)), "image": c.image})
             for c in web.controls
         ]
         loras = [LoraSettings(self.catalog.find("lora", x.lora).path, x.weight) for x in web.loras]
@@ -96,6 +105,28 @@ class Engine:
             return self._video[1]
 
         return generate_video(request, prepared, load=load)
+
+    def default_size(self, base: str | None) -> tuple[int, int] | None:
+        """The size a base generates at when the request names none, read from its configs (None: not a folder)."""
+        folder = Path(self.catalog.find("base", base).path)
+        denoiser = next((folder / name / "config.json" for name in ("unet", "transformer")
+                         if (folder / name / "config.json").is_file()), None)
+        try:
+            sample_size = json.loads(denoiser.read_text())["sample_size"]
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+        except (AttributeError, OSError, ValueError, KeyError):
+            return None
+        side = sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
+        return side, side
+
+    def condition(self, annotator: str, image: Image.Image, size: tuple[int, int] | None,
+                  resize_mode: str = "crop_and_resize") -> Image.Image:
+        """Exactly what the control gets from `image`: annotated at the generation size, then brought to it, as
+        `generate` and `ControlledPipeline` do (`size` None: annotated at the image's own size)."""
+        condition = annotate_condition(annotator, image, None, size, resize_mode)
+        if size is None:
+            return condition
+        return tensor_to_pil(prepare_condition(condition, *size, resize_mode))
 
     def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerationResult:
         """Run one validated web request; image k uses seed + k, as `controlnext generate` does."""

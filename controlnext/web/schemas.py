@@ -19,6 +19,8 @@ from ..images import upright
 from ..errors import ControlNextError
 from ..request import (
     APPLY_TO,
+    CONTROL_MODES,
+    OFFLOADS,
     RESIZE_MODES,
     SCHEDULER_NAMES,
     TASKS,
@@ -38,6 +40,8 @@ TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 ApplyTo = Literal[tuple(APPLY_TO)]  # type: ignore[valid-type]
 UnetWeights = Literal[UNET_WEIGHTS]  # type: ignore[valid-type]
 ResizeMode = Literal[RESIZE_MODES]  # type: ignore[valid-type]
+ControlMode = Literal[CONTROL_MODES]  # type: ignore[valid-type]
+Offload = Literal[OFFLOADS]  # type: ignore[valid-type]
 
 
 def web_field(cls: type, name: str, **overrides) -> Any:
@@ -120,6 +124,7 @@ class ControlRequest(StrictModel):
     start: float = web_field(ControlSettings, "start")
     end: float = web_field(ControlSettings, "end")
     unet_weights: UnetWeights = web_field(ControlSettings, "unet_weights")
+    control_mode: ControlMode = web_field(ControlSettings, "control_mode")
 
     @model_validator(mode="after")
     def _window(self) -> "ControlRequest":
@@ -158,6 +163,7 @@ class GenerateRequest(StrictModel):
     width: int | None = _request_field("width")
     height: int | None = _request_field("height")
     num_images: int = _request_field("num_images")
+    offload: Offload | None = _request_field("offload")
 
     @model_validator(mode="after")
     def _task_inputs(self) -> "GenerateRequest":
@@ -174,6 +180,8 @@ class GeneratedImage(BaseModel):
 class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
     seconds: float = Field(description="time spent generating, without waiting in the queue")
+    notes: list[str] = Field(default_factory=list, description="warnings about the input: words or a size the model "
+                             "was not trained on, a colour image given to an edge control")
 
 
 class AnnotateRequest(StrictModel):
