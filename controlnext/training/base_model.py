@@ -246,17 +246,21 @@ def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, gu
     return mean_shape_scores(images, specs), images
 
 
-def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool) -> None:
-    """Write the diffusers folder (safetensors); the tokenizer's vocab.json and merges.txt go beside tokenizer.json."""
+def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool,
+                  tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:
+    """Write the diffusers folder (safetensors); each tokenizer's vocab.json and merges.txt go beside tokenizer.json."""
+    from ..denoisers import pipeline_denoiser
+
     if output.exists():
         shutil.rmtree(output)
-    if half_precision:  # the text encoder stays float32: transformers would load it as stored
+    if half_precision:  # the text encoders stay float32: transformers would load them as stored
         pipeline = copy.deepcopy(pipeline)
         pipeline.vae.to(torch.float16)
-        pipeline.unet.to(torch.float16)
+        pipeline_denoiser(pipeline).to(torch.float16)
     pipeline.save_pretrained(str(output), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_files / name, output / "tokenizer" / name)
+    for folder in tokenizers:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(tokenizer_files / name, output / folder / name)
 
 
 @contextmanager

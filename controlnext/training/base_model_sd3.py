@@ -21,8 +21,8 @@ from ..models.tiny_sd import BASE_MODEL_DIR, build_tokenizer, build_vae
 from ..models.tiny_sd3 import (TinySD3Config, assemble_pipeline, build_scheduler, build_text_encoders,
                                build_transformer)
 from .base_model import (BaseTrainingConfig, Log, averaged_copies, check_reconstruction, cosine_schedule,
-                         encode_latents, evaluate_base, moving_average, render_training_set, tokenize, torch_threads,
-                         train_vae)
+                         encode_latents, evaluate_base, moving_average, render_training_set, save_pipeline, tokenize,
+                         torch_threads, train_vae)
 from .flow_matching import FlowMatching, noisy_latents
 
 
@@ -125,22 +125,6 @@ def train_transformer(transformer, text_encoders, tokenizer, scheduler, means, s
     return averaged_copies(ema, [transformer, *text_encoders])
 
 
-def save_sd3_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool) -> None:
-    """Write the diffusers folder (safetensors); the tokenizers' vocab.json and merges.txt go beside tokenizer.json."""
-    import copy
-
-    if output.exists():
-        shutil.rmtree(output)
-    if half_precision:  # the text encoders stay float32: transformers would load them as stored
-        pipeline = copy.deepcopy(pipeline)
-        pipeline.vae.to(torch.float16)
-        pipeline.transformer.to(torch.float16)
-    pipeline.save_pretrained(str(output), safe_serialization=True)
-    for folder in ("tokenizer", "tokenizer_2"):
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(tokenizer_files / name, output / folder / name)
-
-
 def train_sd3_base_model(output: str | Path, config: SD3BaseTrainingConfig = SD3BaseTrainingConfig(),
                          log: Log = print) -> Path:
     """Train the SD3 parts and save a StableDiffusion3Pipeline folder; same seed and threads, same weights."""
@@ -181,7 +165,8 @@ def _train(output: Path, config: SD3BaseTrainingConfig, log: Log) -> Path:
     averaged = train_transformer(transformer, text_encoders, tokenizer, scheduler, means, stds, captions, shift, scale,
                                  config, evaluate, log)
     pipeline = assemble_pipeline(vae, averaged[1:], tokenizer, averaged[0], build_scheduler(config.model.shift))
-    save_sd3_pipeline(pipeline, output, work / "tokenizer", config.half_precision_storage)
+    save_pipeline(pipeline, output, work / "tokenizer", config.half_precision_storage,
+                  tokenizers=("tokenizer", "tokenizer_2"))
     minutes = (time.time() - started) / 60
     (output / "training_config.json").write_text(json.dumps(
         {"config": asdict(config), "max_sequence_length": config.model.t5_tokens, "minutes": round(minutes, 1),
