@@ -15,7 +15,7 @@ from controlnext.models.tiny_sd import (BASE_MODEL_DIR, TinySDConfig, build_sche
 from controlnext.training.base_model import BaseTrainingConfig, latent_scaling_factor, snr_weights, train_base_model
 
 TINY = TinySDConfig(resolution=32, text_hidden_size=16, text_layers=1, text_heads=2, vae_channels=(8, 16),
-                    unet_channels=(8, 16), attention_heads=2, norm_groups=4)
+                    unet_channels=(8, 16), unet_attention=(), attention_heads=2, norm_groups=4)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,17 @@ WORD_END = "</w>"
 class TinySDConfig:
     """Sizes of the tiny model's parts (defaults: the shipped base model)."""
 
-    resolution: int = 64
+    resolution: int = 128
     text_hidden_size: int = 64
     text_layers: int = 3
     text_heads: int = 4
     max_tokens: int = 32
     vae_channels: tuple[int, ...] = (32, 64, 64)  # latents at resolution / 2**(len - 1)
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 128, 128)
+    # 1 where a level has cross-attention (SDXL's layout: none at the finest level, which is costly; empty: SD
+    # 1.x's, every level but the coarsest)
+    unet_attention: tuple[int, ...] = (0, 1, 1, 0)
     unet_layers_per_block: int = 1
     attention_heads: int = 4
     norm_groups: int = 8
@@ -130,14 +133,17 @@ def build_vae(config: TinySDConfig = TinySDConfig()):
 
 
 def build_unet(config: TinySDConfig = TinySDConfig()):
-    """A freshly initialised UNet2DConditionModel laid out as SD 1.x's: cross-attention at all but the last level."""
+    """A freshly initialised UNet2DConditionModel with cross-attention at the levels `config.unet_attention` marks."""
     from diffusers import UNet2DConditionModel
 
     levels = len(config.unet_channels)
+    attention = config.unet_attention or (1,) * (levels - 1) + (0,)
+    if len(attention) != levels:
+        raise ValueError(f"unet_attention has {len(attention)} entries for {levels} levels; give one per level")
     return UNet2DConditionModel(
         sample_size=config.latent_size, in_channels=config.latent_channels, out_channels=config.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if on else "DownBlock2D" for on in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if on else "UpBlock2D" for on in reversed(attention)),
         block_out_channels=config.unet_channels, layers_per_block=config.unet_layers_per_block,
         cross_attention_dim=config.text_hidden_size, attention_head_dim=config.attention_heads,
         norm_num_groups=config.norm_groups,

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..denoisers import pipeline_denoiser
-from ..data.shapes import ShapesWorld, render_image
-from ..metrics import mean_shape_scores
+from ..data.shapes import ShapesWorld, render_condition, render_image
+from ..metrics import edge_f1, mean_shape_scores
 from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
                               build_vae)
 
@@ -47,7 +47,7 @@ class BaseTrainingConfig:
     unet_lr: float = 1e-3
     warmup_steps: int = 100
     empty_caption_rate: float = 0.1
-    snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
+    snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
     prediction_type: str = "v_prediction"  # as SD 2.x (Salimans & Ho, 2022), or "epsilon" as SD 1.x
     offset_noise: float = 0.0  # std of a per-channel constant added to the noise (Guttenberg, 2023)
     ema_decay: float = 0.998
@@ -129,7 +129,8 @@ def latent_scaling_factor(means: torch.Tensor, stds: torch.Tensor) -> float:
 
 @torch.no_grad()
 def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str, float]:
-    """Mean absolute error (0-255 scale) and shape scores of the autoencoder's reconstructions of test images."""
+    """Mean absolute error (0-255 scale), edge F1 at 1 pixel against the scenes' canny maps and shape scores of
+    the autoencoder's reconstructions of test images."""
     world = ShapesWorld(seed=world_seed)
     specs = [world.spec(index, "test") for index in range(count)]
     resolution = vae.config.sample_size
@@ -138,7 +139,9 @@ def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str,
     decoded = vae.decode(vae.encode(to_model_range(images)).latent_dist.mean).sample  # (n, 3, h, w)
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     error = (decoded.float() - images.float()).abs().mean().item()
-    return {"mean_abs_error": error, **mean_shape_scores(list(decoded.permute(0, 2, 3, 1).numpy()), specs)}
+    pictures = list(decoded.permute(0, 2, 3, 1).numpy())
+    edges = np.mean([edge_f1(render_condition(spec, "canny", resolution), picture) for spec, picture in zip(specs, pictures)])
+    return {"mean_abs_error": error, "edge_f1": float(edges), **mean_shape_scores(pictures, specs)}
 
 
 def moving_average(modules: list[torch.nn.Module], decay: float):
