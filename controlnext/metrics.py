@@ -172,14 +172,33 @@ def _multiset_recall(expected: list, found: list) -> float:
     return sum((Counter(expected) & Counter(found)).values()) / max(len(expected), 1)
 
 
+def shapes_in_place(found: Sequence[DetectedShape], spec: ShapesSpec, width: int, height: int,
+                    reach: float = 0.5) -> list[DetectedShape | None]:
+    """For each shape of the scene, the shape found at its place (None: nothing there).
+
+    A found shape is at the place of a scene shape when its centre lies within `reach` circumradii of the scene
+    shape's centre; the nearest such shape is taken."""
+    placed = []
+    for shape in spec.shapes:
+        x, y = shape.centre[0] * width, shape.centre[1] * height
+        near = [(np.hypot(item.centre[0] - x, item.centre[1] - y), index) for index, item in enumerate(found)]
+        near = [(distance, index) for distance, index in near if distance <= reach * shape.size * width]
+        placed.append(found[min(near)[1]] if near else None)
+    return placed
+
+
 def shape_scores(image: Image.Image | np.ndarray, spec: ShapesSpec) -> dict[str, float]:
-    """How well an image draws a shapes-world scene (positions ignored).
+    """How well an image draws a shapes-world scene.
 
     background: 1 if the border's colour is the spec's; colour / kind: share of the spec's shape colours
-    / kinds found (as multisets); shape: (colour, kind) pairs found, over the larger of the two counts, so
-    extra shapes cost; count: 1 if as many shapes are found as the spec has.
+    / kinds found anywhere (as multisets); shape: (colour, kind) pairs found, over the larger of the two
+    counts, so extra shapes cost; count: 1 if as many shapes are found as the spec has. In place: share of
+    the spec's shapes with a shape of their kind (kind_in_place) or colour (colour_in_place) drawn at their
+    place (`shapes_in_place`): a disc, or a blob of the right colour elsewhere, does not count.
     """
     found = detect_shapes(image)
+    height, width = as_rgb_array(image).shape[:2]
+    placed = shapes_in_place(found, spec, width, height)
     expected_pairs = [(shape.colour, shape.kind) for shape in spec.shapes]
     found_pairs = [(shape.colour, shape.kind) for shape in found]
     matched_pairs = sum((Counter(expected_pairs) & Counter(found_pairs)).values())
@@ -189,7 +208,15 @@ def shape_scores(image: Image.Image | np.ndarray, spec: ShapesSpec) -> dict[str,
         "kind": _multiset_recall([k for _, k in expected_pairs], [k for _, k in found_pairs]),
         "shape": matched_pairs / max(len(expected_pairs), len(found_pairs), 1),
         "count": float(len(found) == len(spec.shapes)),
+        "kind_in_place": _share(item is not None and item.kind == shape.kind for item, shape in zip(placed, spec.shapes)),
+        "colour_in_place": _share(item is not None and item.colour == shape.colour
+                                  for item, shape in zip(placed, spec.shapes)),
     }
+
+
+def _share(hits) -> float:
+    hits = list(hits)
+    return sum(hits) / max(len(hits), 1)
 
 
 def mean_shape_scores(images: Sequence[Image.Image | np.ndarray], specs: Sequence[ShapesSpec]) -> dict[str, float]:

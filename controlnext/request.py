@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import operator
 import types
@@ -348,3 +349,16 @@ def _stored(name: str, value: Any) -> Any:
     if name == "loras":
         return [str(lora) for lora in value]
     return value
+
+def configured_size(folder: Path) -> tuple[int, int] | None:
+    """The size a diffusers base folder generates at by default, from its denoiser's and VAE's configs (None:
+    no such configs)."""
+    denoiser = next((folder / name / "config.json" for name in ("unet", "transformer")
+                     if (folder / name / "config.json").is_file()), None)
+    try:
+        sample_size = json.loads(denoiser.read_text())["sample_size"]
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (AttributeError, OSError, ValueError, KeyError):
+        return None
+    side = sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
+    return side, side

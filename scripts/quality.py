@@ -1,8 +1,11 @@
 """Quality of the embedded default model and its controls on held-out scenes of the shapes world.
 
 Prints, for the base model, how often it draws the background colour, shape colours and kinds its
-captions ask for; for each control, edge F1 or mask IoU between the condition and the generated image,
-with the control and without it (same prompts and seeds), next to the real scenes' score.
+captions ask for (over all scenes, over one-shape captions, and in place: the right kind and colour at
+each shape's position); for each control, its fidelity (edge F1 at 1 pixel, mask IoU) between the
+condition and the generated image, with the control and without it (same prompts and seeds), next to the
+real scenes' score, and the in-place scores with and without it. Ends with the targets the default model
+is held to, each marked met or missed.
 """
 
 from __future__ import annotations
@@ -18,20 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from controlnext.control.loading import load_control  # noqa: E402
-from controlnext.evaluation import CONTROL_METRICS, evaluate_control  # noqa: E402
+from controlnext.data.shapes import ShapesWorld  # noqa: E402
+from controlnext.denoisers import pipeline_denoiser  # noqa: E402
+from controlnext.evaluation import CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults  # noqa: E402
-from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 from controlnext.training.base_model import evaluate_base  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", default=None, help="base model folder (default: the embedded default model; "
                         "controlnext/assets/sd3-base for the shapes-world SD3)")
     parser.add_argument("--controls", nargs="*", default=None,
-                        help="KIND=FOLDER pairs, KIND one of canny, mask, outline (default: the shipped controls)")
-    parser.add_argument("--count", type=int, default=100, help="held-out scenes (default: 100)")
+                        help=f"KIND=FOLDER pairs, KIND one of {', '.join(CONTROL_METRICS)} (default: the shipped controls)")
+    parser.add_argument("--count", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
@@ -48,21 +51,30 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     pipe = ControlledPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
-    base_scores, _ = evaluate_base(pipe.pipe, count=args.count, seed=args.seed, steps=args.steps,
-                                   guidance=args.guidance, **call_defaults(pipe.pipe))
+    _, images = evaluate_base(pipe.pipe, count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                              **call_defaults(pipe.pipe))
+    specs = [ShapesWorld().spec(index, "test") for index in range(args.count)]
     report = {"count": args.count, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-              "base": base_scores, "controls": {}}
-    print(f"base model, {args.count} held-out captions: "
-          + "  ".join(f"{key} {value:.3f}" for key, value in base_scores.items()), flush=True)
+              "base": grouped_shape_scores(images, specs), "controls": {}}
+    for group, scores in report["base"].items():
+        print(f"base model, {group} ({scores['scenes']} held-out captions): "
+              + "  ".join(f"{key} {value:.3f}" for key, value in scores.items() if key != "scenes"), flush=True)
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
         scores = evaluate_control(controlled, kind, count=args.count, seed=args.seed, steps=args.steps,
                                   guidance=args.guidance)
         report["controls"][kind] = {"folder": folder, **scores}
-        print(f"{kind} control: {scores['metric']} {scores['controlled']:.3f} with control, "
-              f"{scores['uncontrolled']:.3f} without, {scores['real_scenes']:.3f} for the real scenes; shapes drawn "
-              f"with control: colour {scores['controlled_colour']:.3f} kind {scores['controlled_kind']:.3f} "
-              f"count {scores['controlled_count']:.3f}", flush=True)
+        against = "" if scores["scored_against"] == kind else f" (against the scene's {scores['scored_against']})"
+        print(f"{kind} control: {scores['metric']}{against} {scores['controlled']:.3f} with control, "
+              f"{scores['uncontrolled']:.3f} without, {scores['real_scenes']:.3f} for the real scenes"
+              + (f"; at 2 px {scores['controlled_2px']:.3f} / {scores['uncontrolled_2px']:.3f}" if "controlled_2px"
+                 in scores else "") + "; with / without control: "
+              + "  ".join(f"{key} {scores['controlled_' + key]:.3f} / {scores['uncontrolled_' + key]:.3f}"
+                          for key in ("kind_in_place", "colour_in_place", "kind", "colour", "count")), flush=True)
+    report["targets"] = check_targets(report)
+    for target in report["targets"]:
+        value = "not measured" if target["value"] is None else f"{target['value']:.3f}"
+        print(f"target {target['target']} >= {target['least']}: {value}, {'met' if target['met'] else 'MISSED'}")
     report["seconds"] = round(time.time() - started, 1)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the embedded default model and its controls from scratch, then copy them into the package.
-#   bash scripts/retrain.sh            # base model (~30 min on 2 CPU cores), then the canny and mask controls (~4 min each)
+#   bash scripts/retrain.sh            # base model (~60 min on 2 CPU cores), then the canny, mask and skeleton controls
 #   bash scripts/retrain.sh controls   # only the controls, on the base model already in controlnext/assets/base
 # Same seeds and thread count give the same weights on the same machine.
 set -euo pipefail
@@ -14,10 +14,10 @@ if [ "${1:-all}" != controls ]; then
   rm -rf "$ASSETS/base" && cp -r "$RUNS/base" "$ASSETS/base"
 fi
 
-for kind in canny mask; do
-  metric=edge_f1; [ "$kind" = mask ] && metric=mask_iou
+for kind in canny mask skeleton; do
+  case $kind in canny) metric=edge_f1 ;; mask) metric=mask_iou ;; *) metric=none ;; esac  # quality.py scores skeletons
   rm -rf "$RUNS/control-$kind"
-  OMP_NUM_THREADS=2 controlnext train --data "shapes-$kind" --resolution 64 --module-config "$MODULE" \
+  OMP_NUM_THREADS=2 controlnext train --data "shapes-$kind" --resolution 128 --module-config "$MODULE" \
     --learning-rate 1e-3 --module-learning-rate 1e-3 --lr-scheduler cosine --batch-size 16 --max-steps 800 \
     --checkpoint-every 0 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
     --validation-metric "$metric" --no-progress-bar --no-tensorboard --output-dir "$RUNS/control-$kind"
@@ -25,4 +25,4 @@ for kind in canny mask; do
   cp "$RUNS/control-$kind"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
     "$ASSETS/controls/$kind/"
 done
-python scripts/quality.py --count 100
+python scripts/quality.py --count 200 --json "$RUNS/quality.json"

@@ -6,6 +6,7 @@ from PIL import Image
 
 from controlnext.data.shapes import PALETTE, SHAPE_KINDS, Shape, ShapesSpec, make_sample, render_condition, render_image
 from controlnext.errors import ControlNextError
+from controlnext.evaluation import check_targets, grouped_shape_scores
 from controlnext.metrics import (background_rgb, binary_f1, binary_iou, canny_edges, classify_shape, detect_shapes,
                                  edge_f1, foreground_mask, mask_iou, mean_shape_scores, nearest_colour, shape_scores)
 
@@ -111,7 +112,7 @@ def test_classify_shape_recognises_rendered_shapes(kind, size, angle):
 def test_shape_scores_are_perfect_for_the_rendered_scene(index):
     sample = make_sample(index)
     assert shape_scores(sample.image, sample.spec) == {"background": 1.0, "colour": 1.0, "kind": 1.0, "shape": 1.0,
-                                                       "count": 1.0}
+                                                       "count": 1.0, "kind_in_place": 1.0, "colour_in_place": 1.0}
     found = detect_shapes(sample.image)
     assert [(shape.colour, shape.kind) for shape in found] == [(s.colour, s.kind) for s in sample.spec.shapes]
 
@@ -120,7 +121,8 @@ def test_shape_scores_of_a_wrong_picture_are_low():
     spec = ShapesSpec("white", (Shape("circle", "red", (0.3, 0.3), 0.2), Shape("square", "blue", (0.7, 0.7), 0.2)))
     wrong = ShapesSpec("black", (Shape("triangle", "green", (0.5, 0.5), 0.25),))
     scores = shape_scores(render_image(wrong), spec)
-    assert scores == {"background": 0.0, "colour": 0.0, "kind": 0.0, "shape": 0.0, "count": 0.0}
+    assert scores == {"background": 0.0, "colour": 0.0, "kind": 0.0, "shape": 0.0, "count": 0.0,
+                      "kind_in_place": 0.0, "colour_in_place": 0.0}
     blank = shape_scores(Image.new("RGB", (64, 64), PALETTE["white"]), spec)
     assert blank["background"] == 1.0 and blank["colour"] == 0.0 and blank["count"] == 0.0
 
@@ -129,7 +131,34 @@ def test_shape_scores_give_partial_credit():
     spec = ShapesSpec("white", (Shape("circle", "red", (0.3, 0.3), 0.2), Shape("square", "blue", (0.7, 0.7), 0.2)))
     half = ShapesSpec("white", (Shape("circle", "red", (0.3, 0.3), 0.2), Shape("triangle", "green", (0.7, 0.7), 0.2)))
     scores = shape_scores(render_image(half), spec)
-    assert scores == {"background": 1.0, "colour": 0.5, "kind": 0.5, "shape": 0.5, "count": 1.0}
+    assert scores == {"background": 1.0, "colour": 0.5, "kind": 0.5, "shape": 0.5, "count": 1.0,
+                      "kind_in_place": 0.5, "colour_in_place": 0.5}
+
+
+SCENE = ShapesSpec("white", (Shape("circle", "red", (0.25, 0.3), 0.15), Shape("square", "blue", (0.72, 0.7), 0.18)))
+
+
+@pytest.mark.parametrize("drawn, kind_in_place, colour_in_place", [
+    # the scene itself
+    (SCENE, 1.0, 1.0),
+    # the right shapes, colours swapped between places: every colour found somewhere, none in place
+    (ShapesSpec("white", (Shape("circle", "blue", (0.25, 0.3), 0.15), Shape("square", "red", (0.72, 0.7), 0.18))),
+     1.0, 0.0),
+    # a disc of the right colour and size at every place: placement without shape
+    (ShapesSpec("white", (Shape("circle", "red", (0.25, 0.3), 0.15), Shape("circle", "blue", (0.72, 0.7), 0.18))),
+     0.5, 1.0),
+    # the right shapes, drawn elsewhere
+    (ShapesSpec("white", (Shape("circle", "red", (0.7, 0.25), 0.15), Shape("square", "blue", (0.25, 0.72), 0.18))),
+     0.0, 0.0),
+    # off by a fifth of the size: still in place
+    (ShapesSpec("white", (Shape("circle", "red", (0.28, 0.3), 0.15), Shape("square", "blue", (0.72, 0.66), 0.18))),
+     1.0, 1.0),
+])
+def test_in_place_scores_need_the_right_shape_at_the_right_place(drawn, kind_in_place, colour_in_place):
+    scores = shape_scores(render_image(drawn, 128), SCENE)
+    assert (scores["kind_in_place"], scores["colour_in_place"]) == (kind_in_place, colour_in_place)
+    if drawn.shapes[0].colour == "blue":  # swapped colours still score as found anywhere
+        assert scores["colour"] == 1.0 and scores["kind"] == 1.0
 
 
 def test_mean_shape_scores_average_over_images():
@@ -146,3 +175,30 @@ def test_background_colour_is_the_border_median():
     image[:] = PALETTE["orange"]
     image[0, :5] = PALETTE["blue"]
     assert nearest_colour(background_rgb(image)) == "orange"
+
+
+def test_grouped_shape_scores_split_scenes_by_shape_count():
+    samples = [make_sample(index) for index in range(12)]
+    specs = [sample.spec for sample in samples]
+    # every one-shape scene drawn empty, on another background
+    wrong = [render_image(ShapesSpec("white" if spec.background != "white" else "black", ()), 64)
+             if len(spec.shapes) == 1 else sample.image for spec, sample in zip(specs, samples)]
+    groups = grouped_shape_scores(wrong, specs)
+    counts = {name: sum(len(spec.shapes) == count for spec in specs)
+              for count, name in ((1, "one_shape"), (2, "two_shapes"), (3, "three_shapes"))}
+    assert groups["all"]["scenes"] == 12 and all(groups[name]["scenes"] == n for name, n in counts.items() if n)
+    assert groups["one_shape"]["kind_in_place"] == 0.0 and groups["one_shape"]["background"] == 0.0
+    assert all(groups[name]["kind_in_place"] == 1.0 for name in ("two_shapes", "three_shapes") if counts[name])
+    assert groups["all"]["kind"] == pytest.approx(1 - counts["one_shape"] / 12)
+
+
+@pytest.mark.parametrize("value, met", [(0.95, True), (0.9, True), (0.899, False), (None, False)])
+def test_targets_are_met_at_their_least_value_and_missed_when_not_measured(value, met):
+    report = {"base": {"one_shape": {"background": 1.0, "colour": 1.0, "kind": 1.0}}, "controls": {}}
+    if value is not None:
+        report["controls"]["canny"] = {"controlled": value, "controlled_kind_in_place": 1.0,
+                                       "controlled_colour_in_place": 1.0}
+    targets = {target["target"]: target for target in check_targets(report)}
+    edge = targets["canny control: edge F1 at 1 px"]
+    assert (edge["value"], edge["met"]) == (value, met)
+    assert targets["no control: shape kind, one-shape captions"]["met"]

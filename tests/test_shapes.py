@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnext.data.shapes import (CONDITION_KINDS, PALETTE, SHAPE_KINDS, Shape, ShapesDataset, ShapesSpec,
+from controlnext.data.shapes import (CONDITION_KINDS, LIMB_COLOURS, PALETTE, SHAPE_KINDS, Shape, ShapesDataset, ShapesSpec,
                                      ShapesWorld, make_sample, read_shapes_metadata, render_condition, render_image,
                                      write_shapes_dataset)
 from controlnext.errors import ControlNextError
@@ -130,6 +130,31 @@ def test_conditions_are_rgb_white_on_black():
         assert image.mode == "RGB" and image.size == (64, 64)
         array = np.asarray(image)
         assert array[0, 0].tolist() == [0, 0, 0] and array.max() == 255
+
+
+@pytest.mark.parametrize("kind, limbs", [("circle", 4), ("square", 4), ("triangle", 3)])
+@pytest.mark.parametrize("angle", [0.0, 12.0])
+def test_skeleton_joins_the_centre_to_each_keypoint_in_limb_colours(kind, limbs, angle):
+    shape = Shape(kind, "red", (0.5, 0.5), 0.3, angle if kind != "circle" else 0.0)
+    array = pixels(render_condition(ShapesSpec("white", (shape,)), "skeleton", 128))
+    points = shape.keypoints()
+    assert len(points) == limbs
+    assert np.allclose(np.linalg.norm(points - 0.5, axis=1), 0.3)  # on the circumcircle
+    for index, point in enumerate(points):
+        middle = np.round((np.asarray(shape.centre) + point) / 2 * 128 - 0.5).astype(int)  # halfway along the limb
+        assert array[middle[1], middle[0]].tolist() == list(LIMB_COLOURS[index])
+        end = np.round(point * 128 - 0.5).astype(int)
+        assert array[end[1], end[0]].tolist() == [255, 255, 255]  # a joint
+    assert array[64, 64].tolist() == [255, 255, 255]
+    lit = (array.max(axis=2) > 0).mean()
+    assert 0.01 < lit < 0.08  # sparse, as a pose map: limbs and joints, nothing filled
+
+
+def test_skeleton_tells_the_kinds_apart():
+    maps = {kind: pixels(render_condition(ShapesSpec("white", (Shape(kind, "red", (0.5, 0.5), 0.3),)), "skeleton"))
+            for kind in SHAPE_KINDS}
+    for first, second in itertools.combinations(SHAPE_KINDS, 2):
+        assert np.abs(maps[first] - maps[second]).mean() > 3
 
 
 def test_spec_round_trips_through_json():

@@ -7,7 +7,10 @@ itself, never by running a detector on the image:
 
 - "canny":   one-pixel boundary of every shape, white on black (what a canny map of the image looks like);
 - "mask":    the filled shapes, white on black;
-- "outline": the shapes' outlines drawn with a pen of about 1/32 of the image side.
+- "outline": the shapes' outlines drawn with a pen of about 1/32 of the image side;
+- "skeleton": what a pose map is to a person: each shape's keypoints (its centre and its corners; for a
+  circle the four points of its rim on the axes) as white dots, joined to the centre by limbs of one
+  colour per limb (the first limb points at the first corner), on black.
 
 Scenes hold one to three shapes that do not overlap, on a background of another colour; squares and
 triangles stand nearly upright (turned by at most `max_angle` degrees) and a shape alone is drawn
@@ -17,7 +20,8 @@ separate random streams of the same world.
 
 `write_shapes_dataset` writes a folder laid out as
 
-    images/000000.png    canny/000000.png    mask/000000.png    outline/000000.png    metadata.jsonl
+    images/000000.png    canny/000000.png    mask/000000.png    outline/000000.png    skeleton/000000.png
+    metadata.jsonl
 
 with one JSON line per sample: {"image", "conditioning_image" (the first condition kind written),
 "text", one column per condition kind ("canny": "canny/000000.png", ...), "spec"}; paths are relative
@@ -49,13 +53,17 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPE_KINDS = ("circle", "square", "triangle")
-CONDITION_KINDS = ("canny", "mask", "outline")
+CONDITION_KINDS = ("canny", "mask", "outline", "skeleton")
 SPLITS = {"train": 0, "test": 1}
 
 _VERTEX_COUNTS = {"square": 4, "triangle": 3}
 _MARGIN = 0.03  # free border around shapes, in units of the image side
 _GAP = 0.05  # least free space between two shapes
 _OUTLINE_WIDTH = 1 / 32
+_LIMB_WIDTH = 1 / 32
+_JOINT_RADIUS = 1 / 40
+# one colour per limb, as pose maps colour theirs: limb k of every shape has colour k
+LIMB_COLOURS = ((255, 60, 60), (60, 220, 60), (70, 110, 255), (255, 200, 40))
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,13 @@ class Shape:
         count = _VERTEX_COUNTS[self.kind]
         upright = -np.pi / 2 + (np.pi / count if count % 2 == 0 else 0.0)  # angle 0: flat base, edges axis-aligned
         turns = upright + np.deg2rad(self.angle) + 2 * np.pi * np.arange(count) / count  # (n,)
+        return np.stack([self.centre[0] + self.size * np.cos(turns), self.centre[1] + self.size * np.sin(turns)], 1)
+
+    def keypoints(self) -> np.ndarray:
+        """The skeleton's ends, (n, 2): the corners, or for a circle the rim's points on the axes (right first)."""
+        if self.kind != "circle":
+            return self.vertices()
+        turns = np.pi / 2 * np.arange(4)  # (4,)
         return np.stack([self.centre[0] + self.size * np.cos(turns), self.centre[1] + self.size * np.sin(turns)], 1)
 
     def signed_distance(self, points: np.ndarray) -> np.ndarray:
@@ -218,6 +233,42 @@ def coverage(shape: Shape, resolution: int, supersample: int = 5, pen_width: flo
     return result
 
 
+def segment_coverage(start: np.ndarray, end: np.ndarray, width: float, resolution: int,
+                     supersample: int = 5) -> np.ndarray:
+    """Fraction of each pixel within width / 2 of the segment start-end (units of the image side), (R, R).
+
+    Supersampled as `coverage`, looked at only in the segment's box."""
+    reach = width / 2
+    (x0, x1), (y0, y1) = [(max(int(np.floor((min(a, b) - reach) * resolution)) - 1, 0),
+                           min(int(np.ceil((max(a, b) + reach) * resolution)) + 1, resolution))
+                          for a, b in zip(start, end)]
+    step = 1.0 / (resolution * supersample)
+    xs = (np.arange(x0 * supersample, x1 * supersample) + 0.5) * step
+    ys = (np.arange(y0 * supersample, y1 * supersample) + 0.5) * step
+    points = np.stack(np.meshgrid(xs, ys), -1)  # (h*s, w*s, 2)
+    direction = end - start
+    along = np.clip(((points - start) @ direction) / max(float(direction @ direction), 1e-12), 0.0, 1.0)  # (h*s, w*s)
+    distance = np.linalg.norm(points - (start + along[..., None] * direction), axis=-1)  # (h*s, w*s)
+    hits = distance <= reach
+    result = np.zeros((resolution, resolution), np.float32)
+    result[y0:y1, x0:x1] = hits.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3))
+    return result
+
+
+def render_skeleton(spec: ShapesSpec, resolution: int = 64, supersample: int = 5) -> Image.Image:
+    """The scene's skeleton map: coloured limbs from each centre to its keypoints, white joints, on black."""
+    canvas = np.zeros((resolution, resolution, 3), np.float32)
+    for shape in spec.shapes:
+        centre = np.asarray(shape.centre)
+        for index, point in enumerate(shape.keypoints()):
+            alpha = segment_coverage(centre, point, _LIMB_WIDTH, resolution, supersample)[..., None]  # (R, R, 1)
+            canvas += alpha * (np.asarray(LIMB_COLOURS[index], np.float32) - canvas)
+        for point in (centre, *shape.keypoints()):
+            alpha = segment_coverage(point, point, 2 * _JOINT_RADIUS, resolution, supersample)[..., None]
+            canvas += alpha * (255.0 - canvas)
+    return Image.fromarray(np.round(canvas).astype(np.uint8))
+
+
 def render_image(spec: ShapesSpec, resolution: int = 64, supersample: int = 5) -> Image.Image:
     """Paint the scene: flat colours on the background, anti-aliased edges."""
     canvas = np.empty((resolution, resolution, 3), np.float32)
@@ -229,8 +280,10 @@ def render_image(spec: ShapesSpec, resolution: int = 64, supersample: int = 5) -
 
 
 def render_condition(spec: ShapesSpec, kind: str, resolution: int = 64, supersample: int = 5) -> Image.Image:
-    """Render a condition kind ("canny", "mask", "outline") of the scene, white on black, as RGB."""
+    """Render a condition kind ("canny", "mask", "outline": white on black; "skeleton": coloured) as RGB."""
     check_condition_kinds([kind])
+    if kind == "skeleton":
+        return render_skeleton(spec, resolution, supersample)
     values = np.zeros((resolution, resolution), np.float32)
     for shape in spec.shapes:
         if kind == "mask":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.shapes import CONDITION_KINDS
 from ..errors import ControlNextError, MissingDependencyError
 from ..images import cover_and_crop_box, load_image, open_image, pil_to_tensor, resize_and_crop, to_rgb, upright
 from .config import TrainConfig
@@ -46,7 +47,7 @@ def shapes_world(kind: str) -> Callable[[TrainConfig], Callable[[int], Example]]
     return factory
 
 
-GENERATED_DATA.update({f"shapes-{kind}": shapes_world(kind) for kind in ("canny", "mask", "outline")})
+GENERATED_DATA.update({f"shapes-{kind}": shapes_world(kind) for kind in CONDITION_KINDS})
 
 
 def derive_seed(*numbers: int) -> int:

@@ -13,7 +13,7 @@ from PIL import Image
 from ..images import prepare_condition, tensor_to_pil
 from ..generation import GenerationResult, Progress, annotate_condition, generate, load_pipeline, pipeline_key
 from ..pipelines import ControlledPipeline
-from ..request import ControlSettings, GenerationRequest, LoraSettings, resolve_control
+from ..request import ControlSettings, GenerationRequest, LoraSettings, configured_size, resolve_control
 from ..video_generation import (VideoConditions, VideoRequest, VideoResult, conditions, generate_video,
                                 load_video_pipeline)
 from .catalog import ModelCatalog
@@ -108,16 +108,7 @@ class Engine:
 
     def default_size(self, base: str | None) -> tuple[int, int] | None:
         """The size a base generates at when the request names none, read from its configs (None: not a folder)."""
-        folder = Path(self.catalog.find("base", base).path)
-        denoiser = next((folder / name / "config.json" for name in ("unet", "transformer")
-                         if (folder / name / "config.json").is_file()), None)
-        try:
-            sample_size = json.loads(denoiser.read_text())["sample_size"]
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-        except (AttributeError, OSError, ValueError, KeyError):
-            return None
-        side = sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
-        return side, side
+        return configured_size(Path(self.catalog.find("base", base).path))
 
     def condition(self, annotator: str, image: Image.Image, size: tuple[int, int] | None,
                   resize_mode: str = "crop_and_resize") -> Image.Image:
@@ -131,3 +122,4 @@ class Engine:
     def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerationResult:
         """Run one validated web request; image k uses seed + k, as `controlnext generate` does."""
         return generate(self.request(request), load=self.pipeline, progress=progress)
+
