@@ -7,14 +7,16 @@ import time
 from .overhead import median_iqr
 
 
-def measure_generation(resolution: int = 64, steps: int = 20, guidance_scale: float = 5.0, repeats: int = 5,
+def measure_generation(resolution: int | None = None, steps: int = 20, guidance_scale: float = 5.0, repeats: int = 5,
                        warmup: int = 1, threads: int | None = 1, log=print) -> dict | None:
-    """Interleaved rounds of one generation without control and one with; None when the model is not shipped."""
+    """Interleaved rounds of one generation without control and one with (at the model's own size when
+    `resolution` is None); None when the model is not shipped."""
     import torch
 
     from ..data.shapes import ShapesWorld
     from ..pipelines import ControlledPipeline
     from ..pipelines.base import BUNDLED_CONTROLS, DEFAULT_BASE
+    from ..request import configured_size
 
     control = BUNDLED_CONTROLS / "canny"
     if not (DEFAULT_BASE / "model_index.json").is_file() or not control.is_dir():
@@ -22,6 +24,7 @@ def measure_generation(resolution: int = 64, steps: int = 20, guidance_scale: fl
         return None
     if threads:
         torch.set_num_threads(threads)
+    resolution = resolution or configured_size(DEFAULT_BASE)[0]
     sample = ShapesWorld(resolution=resolution, conditions=("canny",)).sample(0, "test")
     pipe = ControlledPipeline.from_pretrained(None, [control])
     pipe.set_progress_bar_config(disable=True)

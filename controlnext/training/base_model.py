@@ -47,7 +47,7 @@ class BaseTrainingConfig:
     unet_lr: float = 1e-3
     warmup_steps: int = 100
     empty_caption_rate: float = 0.1
-    snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
+    snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
     prediction_type: str = "v_prediction"  # as SD 2.x (Salimans & Ho, 2022), or "epsilon" as SD 1.x
     offset_noise: float = 0.0  # std of a per-channel constant added to the noise (Guttenberg, 2023)
     ema_decay: float = 0.998
