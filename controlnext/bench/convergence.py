@@ -39,6 +39,7 @@ class ConvergenceSetup:
     sampling_steps: int = 20
     guidance_scale: float = 5.0
     seed: int = 0
+    validation_seed: int | None = None  # the validation images' initial noise; None: `seed`
     methods: tuple[str, ...] = ("controlnext", "controlnet")
     extra: dict = field(default_factory=dict)  # further TrainConfig fields for both runs
 
@@ -52,6 +53,11 @@ class ConvergenceSetup:
         if rates == (default.learning_rate, default.module_learning_rate):
             return label
         return f"{label}-lr{self.learning_rate:g}-{self.module_learning_rate:g}"
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed of the validation images' initial noise, the floor's included."""
+        return self.seed if self.validation_seed is None else self.validation_seed
 
     @property
     def metric(self) -> str:
@@ -90,7 +96,8 @@ def training_config(setup: ConvergenceSetup, method: str, output: Path, images: 
         raise ControlNextError(f"unknown method {method!r}; pick from {', '.join(recipe)}")
     return TrainConfig(
         base=setup.base or "", method=method, data=f"shapes-{setup.kind}", resolution=setup.resolution,
-        max_steps=setup.steps, batch_size=setup.batch_size, seed=setup.seed, output_dir=str(output),
+        max_steps=setup.steps, batch_size=setup.batch_size, seed=setup.seed, validation_seed=setup.sampling_seed,
+        output_dir=str(output),
         checkpoint_every=0, keep_checkpoints=1, validation_every=setup.validate_every, validation_images=images,
         validation_prompts=prompts, validation_sampling_steps=setup.sampling_steps,
         guidance_scale=setup.guidance_scale, validation_metric=setup.metric, tensorboard=False,
@@ -151,13 +158,27 @@ def uncontrolled_fidelity(setup: ConvergenceSetup, images: list[str], prompts: l
     base = load_training_base(setup.base)
     conditions = torch.stack([prepare_condition(load_image(p), setup.resolution, setup.resolution) for p in images])
     generated = generate(base, None, conditions, prompts, steps=setup.sampling_steps,
-                         guidance_scale=setup.guidance_scale, seed=setup.seed)
+                         guidance_scale=setup.guidance_scale, seed=setup.sampling_seed)
     return fidelity(resolve_metric(setup.metric), conditions, generated)
+
+
+def train_method(setup: ConvergenceSetup, method: str, output: Path, images: list[str], prompts: list[str]) -> dict:
+    """Train one method afresh into `output` (this process): its fidelity curve, speed, minutes and trainable
+    parameters."""
+    from ..training.trainer import Trainer
+
+    shutil.rmtree(output, ignore_errors=True)  # a benchmark run starts afresh; the folder is its own
+    started = time.time()
+    trainer = Trainer(training_config(setup, method, output, images, prompts))
+    trainable = sum(parameter.numel() for parameter in trainer.trainable)
+    trainer.run()
+    curve, speed = read_curve(output / "log.csv", setup.metric)
+    return {"curve": curve, "steps_per_second": speed, "minutes": (time.time() - started) / 60,
+            "trainable": trainable, "output": str(output)}
 
 
 def run_convergence(setup: ConvergenceSetup, work_dir: str | Path, log=print) -> dict:
     """Train each method, read its fidelity curve, and compare; the trained controls stay in `work_dir`."""
-    from ..training.trainer import Trainer
     from .report import machine_info
 
     work_dir = Path(work_dir)
@@ -168,16 +189,10 @@ def run_convergence(setup: ConvergenceSetup, work_dir: str | Path, log=print) ->
     log(f"{setup.kind}: uncontrolled {setup.metric} {result['uncontrolled']:.3f}")
     for method in setup.methods:
         output = work_dir / f"{setup.label}-{method}"
-        shutil.rmtree(output, ignore_errors=True)  # a benchmark run starts afresh; the folder is its own
         log(f"{setup.kind}: training {method} for {setup.steps} steps into {output}")
-        started = time.time()
-        trainer = Trainer(training_config(setup, method, output, images, prompts))
-        trainable = sum(parameter.numel() for parameter in trainer.trainable)
-        trainer.run()
-        curve, speed = read_curve(output / "log.csv", setup.metric)
-        summary = summarize(curve)
-        result["methods"][method] = {"curve": curve, "steps_per_second": speed, "minutes": (time.time() - started) / 60,
-                                     "trainable": trainable, "output": str(output), **summary}
+        run = train_method(setup, method, output, images, prompts)
+        summary = summarize(run["curve"])
+        result["methods"][method] = {**run, **summary}
         log(f"{setup.kind}: {method} final {setup.metric} {summary['final']:.3f}, 90% of it at step "
             f"{summary['steps_to_90']}, sudden: {summary['sudden']}")
     return compare(result)
@@ -202,8 +217,8 @@ def compare(result: dict) -> dict:
     return result
 
 
-def plot_curves(result: dict, path: str | Path) -> Path:
-    """Fidelity against steps for each method, with the uncontrolled floor, as a PNG."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     try:
         import matplotlib
 
@@ -213,7 +228,22 @@ def plot_curves(result: dict, path: str | Path) -> Path:
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("matplotlib", "bench") from None
+    return plt
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    _pyplot().close(figure)
+    return path
+
+
+def plot_curves(result: dict, path: str | Path) -> Path:
+    """Fidelity against steps for each method, with the uncontrolled floor, as a PNG."""
     from .report import METHOD_NAMES
+
+    plt = _pyplot()
 
     setup = result["setup"]
     figure, axes = plt.subplots(figsize=(6, 3.6), dpi=110)
@@ -230,8 +260,4 @@ def plot_curves(result: dict, path: str | Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
