@@ -22,6 +22,7 @@ SUMMARIES = {
     "steady climb": ([(0, 0.0), (100, 0.2), (200, 0.4), (300, 0.6), (400, 0.8), (500, 1.0), (600, 1.0),
                       (700, 1.0)], 500, 100, 400, False),
     "never rises": ([(0, 0.5), (100, 0.4), (200, 0.3), (300, 0.3), (400, 0.3)], 0, None, None, False),
+    "flat (its mean rounds above the start)": ([(step, 0.1) for step in range(0, 700, 100)], 0, None, None, False),
 }
 
 
@@ -109,8 +110,8 @@ def test_cli_convergence_flags_and_bad_values():
     assert args.convergence and args.kind == ["canny", "mask"] and args.steps == 300 and args.batch_size is None
     with pytest.raises(ControlNextError, match="--steps must be positive"):
         bench.run(parser.parse_args(["bench", "--convergence", "--steps", "0"]))
-    with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--convergence", "--kind", "depth"])
+    with pytest.raises(ControlNextError, match="unknown condition kind 'skeleton'"):
+        ConvergenceSetup(kind="skeleton").metric  # scored against the scene's mask, not against itself
 
 
 def test_common_bar_counts_a_run_that_never_reaches_it():

@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ControlNextError
-from ..evaluation import CONTROL_METRICS, held_out
+from ..evaluation import CONTROL_METRICS, SCORED_AGAINST, held_out
+
+METHODS = ("controlnext", "controlnet")
+# condition kinds that training's validation can score: against the condition itself
+KINDS = tuple(kind for kind in CONTROL_METRICS if kind not in SCORED_AGAINST)
 
 
 @dataclass
@@ -40,7 +44,7 @@ class ConvergenceSetup:
     guidance_scale: float = 5.0
     seed: int = 0
     validation_seed: int | None = None  # the validation images' initial noise; None: `seed`
-    methods: tuple[str, ...] = ("controlnext", "controlnet")
+    methods: tuple[str, ...] = METHODS
     extra: dict = field(default_factory=dict)  # further TrainConfig fields for both runs
 
     @property
@@ -61,8 +65,8 @@ class ConvergenceSetup:
 
     @property
     def metric(self) -> str:
-        if self.kind not in CONTROL_METRICS:
-            raise ControlNextError(f"unknown condition kind {self.kind!r}; pick one of {', '.join(CONTROL_METRICS)}")
+        if self.kind not in KINDS:
+            raise ControlNextError(f"unknown condition kind {self.kind!r}; pick one of {', '.join(KINDS)}")
         return CONTROL_METRICS[self.kind]
 
 
@@ -118,6 +122,11 @@ def read_curve(log_path: Path, metric: str) -> tuple[list[tuple[int, float]], fl
     return curve, speeds[len(speeds) // 2] if speeds else 0.0
 
 
+def first_step(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    """The first validation step at which fidelity reaches `threshold` (None: not within the curve)."""
+    return next((step for step, value in curve if value >= threshold), None)
+
+
 def summarize(curve: list[tuple[int, float]], tail: int = 3) -> dict:
     """Final fidelity (mean of the last `tail` validations), steps to 90% of it, and how sudden the rise was.
 
@@ -134,13 +143,11 @@ def summarize(curve: list[tuple[int, float]], tail: int = 3) -> dict:
     final = sum(values[-tail:]) / len(values[-tail:])
     start = values[0]
 
-    def first_step(threshold: float) -> int | None:
-        return next((step for step, value in curve if value >= threshold), None)
-
-    to_90 = first_step(0.9 * final)
+    to_90 = first_step(curve, 0.9 * final)
     gain = final - start
-    plateau = first_step(start + 0.1 * gain) if gain > 0 else None
-    gain_90 = first_step(start + 0.9 * gain) if gain > 0 else None
+    above = [(step, value) for step, value in curve if value > start]  # a gain, whatever the rounding of `final`
+    plateau = first_step(above, start + 0.1 * gain) if gain > 0 else None
+    gain_90 = first_step(above, start + 0.9 * gain) if gain > 0 else None
     rise = gain_90 - plateau if plateau is not None and gain_90 is not None else None
     interval = steps[1] - steps[0] if len(steps) > 1 else 1
     sudden = bool(plateau is not None and rise is not None and plateau > interval and plateau >= 2 * max(rise, interval))
@@ -213,7 +220,7 @@ def compare(result: dict) -> dict:
     bar = 0.9 * max(run["final"] for run in methods.values())
     result["common_bar"] = bar
     for run in methods.values():
-        run["steps_to_common_bar"] = next((step for step, value in run["curve"] if value >= bar), None)
+        run["steps_to_common_bar"] = first_step(run["curve"], bar)
     return result
 
 
