@@ -113,6 +113,8 @@ def test_cli_convergence_flags_and_bad_values():
     assert args.convergence and args.kind == ["canny", "mask"] and args.steps == 300 and args.batch_size is None
     with pytest.raises(ControlNextError, match="--steps must be positive"):
         bench.run(parser.parse_args(["bench", "--convergence", "--steps", "0"]))
+    with pytest.raises(ControlNextError, match="unknown condition kind 'depth'"):
+        bench.run(parser.parse_args(["bench", "--convergence", "--kind", "depth"]))
     with pytest.raises(ControlNextError, match="unknown condition kind 'skeleton'"):
         ConvergenceSetup(kind="skeleton").metric  # scored against the scene's mask, not against itself
 
@@ -296,3 +298,41 @@ def test_only_large_weight_files_of_a_finished_run_are_deleted(tmp_path):
         (tmp_path / name).write_bytes(b"x" * size)
     assert delete_large_files(tmp_path, limit=50) == ["checkpoint-2/optimizer.pt", "diffusion_pytorch_model.safetensors"]
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["control.json", "log.csv", "unet.safetensors"]
+
+
+def study_arguments(argv):
+    from controlnext.cli import bench
+
+    parent = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"), parent)
+    return bench, parser.parse_args(["bench", "--convergence-study", *argv])
+
+
+def test_cli_convergence_study_flags():
+    bench, args = study_arguments([])
+    assert bench.study_from_args(args) == ConvergenceStudy()
+    bench, args = study_arguments(["--kind", "canny", "--recipes", "common", "--seeds", "3", "4", "--steps", "50",
+                                   "--batch-size", "4", "--validate-every", "10", "--validation-count", "2",
+                                   "--sampling-steps", "5", "--jobs", "2", "--threads", "3", "--base", "b",
+                                   "--work-dir", "w"])
+    study = bench.study_from_args(args)
+    assert (study.kinds, study.recipes, study.seeds, study.steps, study.batch_size, study.validate_every) == (
+        ("canny",), ("common",), (3, 4), 50, 4, 10)
+    assert (study.validation_count, study.sampling_steps, study.jobs, study.threads, study.base) == (2, 5, 2, 3, "b")
+    assert args.work_dir == "w"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be positive, not 0"),
+    (["--recipes", "paper", "fast"], "unknown recipe 'fast'"),
+    (["--kind", "depth"], "unknown kind 'depth'"),
+    (["--jobs", "0"], "--jobs must be positive, not 0"),
+    (["--learning-rate", "1e-4"], "--learning-rate applies to --convergence"),
+])
+def test_cli_convergence_study_bad_values_are_one_line(capsys, argv, message):
+    from controlnext.cli import main
+
+    assert main(["bench", "--convergence-study", *argv]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("controlnext bench: error:") and message in error[0]
