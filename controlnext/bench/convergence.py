@@ -486,13 +486,14 @@ def train_runs(runs: list[StudyRun], jobs: int, log=print) -> list[dict]:
         log(f"training {len(pending)} runs, {jobs} at once")
         with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(train_run, runs[index]): index for index in pending}
-            for future in as_completed(futures):
-                try:
+            try:
+                for future in as_completed(futures):
+                    if future.exception() is not None:
+                        log(f"{runs[futures[future]].name}: failed; the runs under way finish first")
                     finish(futures[future], future.result())
-                except BaseException:
-                    log(f"{runs[futures[future]].name}: failed; the runs under way finish first")
-                    pool.shutdown(cancel_futures=True)
-                    raise
+            except BaseException:  # a failed run or an interruption: the queued runs are dropped
+                pool.shutdown(cancel_futures=True)
+                raise
     return results
 
 
