@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from controlnext.bench.convergence import (ConvergenceSetup, ConvergenceStudy, aggregate_recipe,
-                                          delete_large_files, finished_result, plan_runs, plot_curves, plot_study, read_curve, run_convergence, run_study,
-                                          run_summary, spread, summarize)
+from controlnext.bench.convergence import (ConvergenceSetup, ConvergenceStudy, aggregate_recipe, delete_large_files,
+                                          finished_result, plan_runs, plot_curves, plot_study, read_curve,
+                                          run_convergence, run_study, run_summary, spread, summarize)
 from controlnext.bench.report import render_markdown, spread_text, update_results
 from controlnext.bench.training_cost import measure_training_cost
 from controlnext.errors import ControlNextError
@@ -296,7 +296,8 @@ def test_only_large_weight_files_of_a_finished_run_are_deleted(tmp_path):
                        ("checkpoint-2/optimizer.pt", 100), ("log.csv", 100), ("control.json", 100)):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x" * size)
-    assert delete_large_files(tmp_path, limit=50) == ["checkpoint-2/optimizer.pt", "diffusion_pytorch_model.safetensors"]
+    deleted = delete_large_files(tmp_path, limit=50)
+    assert deleted == ["checkpoint-2/optimizer.pt", "diffusion_pytorch_model.safetensors"]
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["control.json", "log.csv", "unet.safetensors"]
 
 

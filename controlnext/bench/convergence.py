@@ -637,7 +637,9 @@ def speedup_sentence(kind: str, recipe: str, result: dict) -> str:
                 f"({ratio_text(result[f'ratio_{mark}'])})")
 
     bar, floor = result["common_bar"], result["floor"]
-    below = f" (not above the uncontrolled floor, {floor:.3f}: neither method learned the control)" if bar <= floor else ""
+    below = ""
+    if bar <= floor:
+        below = f" (not above the uncontrolled floor, {floor:.3f}: neither method learned the control)"
     return (f"{kind}, {recipe} recipe: \"ControlNeXt converges at least {TARGET_SPEEDUP}x sooner\" "
             f"{speedup_verdict(result)}. Median steps to the common bar ({bar:.3f}{below}): "
             f"{pair('steps_to_common_bar')}; to 90% of the own final fidelity: {pair('steps_to_90')}; to the onset: "
