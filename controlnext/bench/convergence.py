@@ -639,7 +639,7 @@ def speedup_sentence(kind: str, recipe: str, result: dict) -> str:
     bar, floor = result["common_bar"], result["floor"]
     below = ""
     if bar <= floor:
-        below = f" (not above the uncontrolled floor, {floor:.3f}: neither method learned the control)"
+        below = f", not above the uncontrolled floor {floor:.3f}: neither method learned the control"
     return (f"{kind}, {recipe} recipe: \"ControlNeXt converges at least {TARGET_SPEEDUP}x sooner\" "
             f"{speedup_verdict(result)}. Median steps to the common bar ({bar:.3f}{below}): "
             f"{pair('steps_to_common_bar')}; to 90% of the own final fidelity: {pair('steps_to_90')}; to the onset: "
