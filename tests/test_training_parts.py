@@ -53,6 +53,11 @@ def test_flags_override_a_config_file_over_the_defaults(monkeypatch, tmp_path):
     assert config_from_args(parse_train(monkeypatch, [])) == TrainConfig()
 
 
+def test_validation_noise_follows_the_seed_unless_a_validation_seed_is_given():
+    assert TrainConfig(seed=3).sampling_seed == 3
+    assert TrainConfig(seed=3, validation_seed=0).sampling_seed == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "--data is required"),
     (["--data", "d", "--output-dir", "o", "--resolution", "60"], "not a multiple of 8"),

@@ -45,11 +45,13 @@ def machine_info() -> dict:
 def update_results(path: str | Path, parameters: list[dict] | None = None, overhead: dict | None = None,
                    training_cost: dict | None = None, convergence: dict | None = None,
                    generation: dict | None = None, gpu: dict | None = None, video: dict | None = None,
-                   sd3: list[dict] | None = None, sd3_cpu: dict | None = None) -> dict:
+                   sd3: list[dict] | None = None, sd3_cpu: dict | None = None,
+                   convergence_study: dict | None = None) -> dict:
     """Merge new results into the JSON file at `path` and return all.
 
     One overhead entry per resolution, one training-cost entry per architecture and resolution, one
-    convergence entry per condition kind; a new entry replaces the old one of the same key.
+    convergence entry per condition kind; a new entry replaces the old one of the same key. A convergence
+    study replaces the single comparisons on the UNet base (`drop_unet_comparisons`), which it supersedes.
     """
     path = Path(path)
     results = json.loads(path.read_text()) if path.is_file() else {}
@@ -74,8 +76,20 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
         results.setdefault("sd3", {})[entry["architecture"]] = entry
     if sd3_cpu is not None:
         results["sd3_cpu"] = sd3_cpu
+    if convergence_study is not None:
+        results["convergence_study"] = convergence_study
+        drop_unet_comparisons(results)
     path.write_text(json.dumps(results, indent=1))
     return results
+
+
+def drop_unet_comparisons(results: dict) -> list[str]:
+    """Remove the single convergence comparisons on the UNet base (every label but "sd3-*"); returns their labels."""
+    entries = results.get("convergence", {})
+    dropped = [label for label in entries if not label.startswith("sd3-")]
+    for label in dropped:
+        del entries[label]
+    return dropped
 
 
 def render_markdown(results: dict, command: str = "controlnext bench") -> str:
@@ -107,6 +121,8 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
         lines += _video_tables(results["video"])
     if results.get("training_cost"):
         lines += _training_cost_table(list(results["training_cost"].values()))
+    if results.get("convergence_study"):
+        lines += _study_tables(results["convergence_study"])
     if results.get("convergence"):
         lines += _convergence_tables(results["convergence"])
     if results.get("sd3"):
@@ -281,6 +297,82 @@ def _convergence_tables(entries: dict) -> list[str]:
                       f"{METHOD_NAMES.get(m, m)} {run['minutes']:.1f}" for m, run in entry["methods"].items()) + ".",
                   ""]
     return lines
+
+
+def steps_text(value: float | None, steps: int) -> str:
+    """A step count, or "not within N steps" for a mark not reached."""
+    return f"not within {steps} steps" if value is None else f"{value:g}"
+
+
+def ratio_text(ratio: dict | None) -> str:
+    """A ratio of steps: "3.0x", "more than 3.0x" (a lower bound), or "no ratio"."""
+    if ratio is None:
+        return "no ratio"
+    return ("more than " if ratio["lower_bound"] else "") + f"{ratio['value']:.1f}x"
+
+
+def spread_text(spread: dict, steps: int | None = None) -> str:
+    """Median and range over seeds: "150 (100-200)", steps not reached as "not within N steps"; fidelities
+    (`steps` None) to three decimals."""
+    def one(value):
+        return f"{value:.3f}" if steps is None else steps_text(value, steps)
+
+    if spread["min"] is None:
+        return f"{one(None)} (all {spread['count']})"
+    median = "not reached" if spread["median"] is None else one(spread["median"])
+    if spread["count"] == 1:
+        return median
+    separator = " to " if spread["max"] is None else "-"
+    return f"{median} ({one(spread['min'])}{separator}{one(spread['max'])})"
+
+
+def _study_tables(entry: dict) -> list[str]:
+    setup, machine = entry["setup"], entry["machine"]
+    steps = setup["steps"]
+    base = f"`{setup['base']}`" if setup["base"] else "the embedded default model"
+    lines = ["## Convergence study on the shapes world", "",
+             "Both methods trained by `controlnext train` under each recipe, with several training seeds (data order, "
+             "noise, initial weights), on each condition kind; every run of a kind is validated on the same held-out "
+             "scenes with the same sampling seed. Per run: the final fidelity (mean of the last three validations), "
+             "the onset (the first validation at 10% of the run's final gain over its step-0 value), the 90% step "
+             "(the first validation at 90% of its final fidelity) and whether the rise was sudden (the onset lasts "
+             "more than one validation interval and at least twice the rise to 90% of the gain). Cells: the median "
+             f"over the seeds (range); a seed that never reaches a mark counts as later than every step (\"not "
+             f"within {steps} steps\"), so the median is \"not reached\" when more than half the seeds miss it (half "
+             "of an even count). Common bar: 90% of the better method's median final fidelity. Ratios: ControlNet's "
+             "median steps over ControlNeXt's, \"more than\" when ControlNet's median is not reached (a lower bound). "
+             f"The claim \"ControlNeXt converges at least {entry['target_speedup']}x sooner\" is judged at the common "
+             "bar, which a run that never rises cannot pass.", "",
+             f"Setup: {steps} steps of batch {setup['batch_size']} at {setup['resolution']} px on {base}; validation "
+             f"every {setup['validate_every']} steps on {setup['validation_count']} held-out scenes, "
+             f"{setup['sampling_steps']} DDIM steps, guidance {setup['guidance_scale']}, sampling seed "
+             f"{setup['validation_seed']}; training seeds {', '.join(map(str, setup['seeds']))}; "
+             f"{setup['jobs']} run(s) at once, {setup['threads'] or 'default'} torch thread(s) each. Machine: "
+             f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['date']}; {_versions(machine)}.", "",
+             "Recipes (AdamW):", ""]
+    lines += [f"- `{name}`: {description}." for name, description in entry["recipes"].items()]
+    for kind, data in entry["kinds"].items():
+        lines += ["", f"### {kind} ({data['metric']}; no control {data['uncontrolled']:.3f})", "",
+                  "| recipe | method | trainable | final, median (range) | onset, median (range) "
+                  "| 90% step, median (range) | sudden | steps/s |", "|---|---|---|---|---|---|---|---|"]
+        for recipe, compared in data["recipes"].items():
+            for method, run in compared["methods"].items():
+                lines.append(f"| {recipe} | {METHOD_NAMES.get(method, method)} | {_m(run['trainable'])} | "
+                             f"{spread_text(run['final'])} | {spread_text(run['onset'], steps)} | "
+                             f"{spread_text(run['steps_to_90'], steps)} | {run['sudden']} of {len(run['runs'])} | "
+                             f"{run['steps_per_second']:.2f} |")
+        lines.append("")
+        for recipe, compared in data["recipes"].items():
+            bar = ", ".join(f"{METHOD_NAMES.get(m, m)} {spread_text(run['steps_to_common_bar'], steps)}"
+                            for m, run in compared["methods"].items())
+            ratios = "; ".join(f"{ratio_text(compared[f'ratio_{mark}'])} to {what}" for mark, what in (
+                ("steps_to_90", "90% of the own final"), ("onset", "the onset"),
+                ("steps_to_common_bar", "the common bar")) if f"ratio_{mark}" in compared)
+            lines += [f"- `{recipe}`: " + (f"ControlNet's median steps over ControlNeXt's: {ratios}. " if ratios
+                                           else "") + f"Steps to the common bar ({compared['common_bar']:.3f}): {bar}.",
+                      f"  {compared['sentence']}"]
+        lines += ["", f"![fidelity against steps, {kind}, every seed](benchmarks/convergence-study-{kind}.png)"]
+    return lines + [""]
 
 
 def _summary(runs: list[dict]) -> list[str]:

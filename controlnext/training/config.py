@@ -132,6 +132,8 @@ class TrainConfig:
                                            "default: the examples' captions)")
     validation_examples: int = option(4, "how many data examples to validate on when no --validation-images")
     validation_sampling_steps: int = option(20, "sampling steps for validation images (DDIM; Euler for SD3)")
+    validation_seed: int | None = option(None, "seed of the validation images' initial noise (default: --seed), so "
+                                         "that runs of different seeds can be validated alike")
     guidance_scale: float = option(7.5, "classifier-free guidance scale for validation images")
     validation_metric: str = option("auto", "control-fidelity metric logged at validation (auto: edge_f1 when "
                                     "controlnext.metrics is installed)",
@@ -176,6 +178,11 @@ class TrainConfig:
     @property
     def module_lr(self) -> float:
         return self.module_learning_rate if self.module_learning_rate is not None else 10 * self.learning_rate
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed of the validation images' initial noise."""
+        return self.seed if self.validation_seed is None else self.validation_seed
 
     def resume_fields(self) -> dict:
         """The values a checkpoint records and a resumed run must repeat."""

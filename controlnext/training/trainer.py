@@ -339,13 +339,14 @@ class Trainer:
         if self.video:  # a short video of the first clip's reference and poses; no fidelity metric for video yet
             with acc.autocast():
                 validate_video(self.base, model.control, validation, self.output / "validation", self.step,
-                               steps=self.config.validation_sampling_steps, seed=self.config.seed, scale=model.scale)
+                               steps=self.config.validation_sampling_steps, seed=self.config.sampling_seed,
+                               scale=model.scale)
             model.train()
             return None
         with acc.autocast():
             images = generate(self.base, model.control, validation.conditions, validation.prompts,
                               steps=self.config.validation_sampling_steps, guidance_scale=self.config.guidance_scale,
-                              seed=self.config.seed, scale=model.scale)
+                              seed=self.config.sampling_seed, scale=model.scale)
         model.train()
         if not acc.is_main_process:
             return None
