@@ -263,8 +263,10 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
     assert again["kinds"] == result["kinds"]
     images = sorted(str(path) for path in (tmp_path / "mask" / "validation_conditions").glob("*.png"))
     plan = [stored["key"]["base_digest"], images, stored["key"]["validation_prompts"], tmp_path / "mask"]
-    assert all(finished_result(run) is not None for run in plan_runs(study, "mask", 64, *plan))
-    assert all(finished_result(run) is None for run in plan_runs(replace(study, guidance_scale=3.0), "mask", 64, *plan))
+    shared = study.sharing(tmp_path)
+    assert all(finished_result(run) is not None for run in plan_runs(shared, "mask", 64, *plan))
+    assert all(finished_result(run) is None for run in plan_runs(replace(shared, guidance_scale=3.0), "mask", 64, *plan))
+    assert len(list((tmp_path / "latent-cache").rglob("*.safetensors"))) <= study.examples  # each scene once
     assert stored["deleted"] == []  # small weights stay
 
     # in two processes: the runs without a result file are trained again

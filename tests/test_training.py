@@ -344,3 +344,28 @@ def test_validation_runs_the_pipeline_as_the_former_loop_did(tiny_base):
     got = generate(base, control, conditions, prompts, steps=3, guidance_scale=5.0, seed=7, scale=0.8)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert not base.unet._forward_pre_hooks  # detached after the call
+
+
+def test_latent_cache_trains_as_encoding_each_step_and_is_read_back(tiny_base, data, tmp_path, monkeypatch):
+    """A run with --latent-cache gives the losses of a run without (the same draws from the same posteriors); a
+    second run reads every example back without encoding; a changed resolution keys a new folder."""
+    plain = Trainer(tiny_config(tiny_base, data, tmp_path / "plain", max_steps=3)).run()
+    cache = tmp_path / "cache"
+    cached = Trainer(tiny_config(tiny_base, data, tmp_path / "cached", max_steps=3, latent_cache=str(cache))).run()
+    assert losses(cached) == pytest.approx(losses(plain), rel=1e-4)
+    files = sorted(cache.rglob("*.safetensors"))
+    assert len(files) == 4  # each of the four examples encoded once
+    written = {path: path.stat().st_mtime_ns for path in files}
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded although cached")
+
+    trainer = Trainer(tiny_config(tiny_base, data, tmp_path / "again", max_steps=3, latent_cache=str(cache)))
+    monkeypatch.setattr(trainer.base.vae, "encode", no_encoding)
+    assert losses(trainer.run()) == pytest.approx(losses(cached), rel=1e-6)
+    assert {path: path.stat().st_mtime_ns for path in cache.rglob("*.safetensors")} == written
+    item = trainer.dataset[1]
+    assert item["caption"] == circle_example(1)[2] and item["conditioning"].shape == (3, 64, 64)
+    assert set(item) >= {"latent_mean", "latent_std"} and "pixel_values" not in item
+    Trainer(tiny_config(tiny_base, data, tmp_path / "other", max_steps=1, resolution=32, latent_cache=str(cache))).run()
+    assert len({path.parent.parent for path in cache.rglob("*.safetensors")}) == 2  # one key per resolution

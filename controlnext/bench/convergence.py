@@ -21,7 +21,7 @@ import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -327,11 +327,13 @@ class ConvergenceStudy:
     module_config: str | None = None  # ControlNeXt module sizes (JSON); None: the trainer's default
     jobs: int = 1  # runs trained at once, each in its own process
     threads: int | None = 1  # torch threads of each run (None: torch's default)
+    examples: int = 4000  # training scenes: the first N of the world's train split, drawn from by every run
+    latent_cache: bool = True  # encode each scene once for all runs (work_dir/latent-cache; same draws as encoding)
     extra: dict = field(default_factory=dict)  # further TrainConfig fields for every run
 
     def check(self) -> ConvergenceStudy:
         """Raise a one-line ControlNextError for values that cannot work."""
-        for name in ("steps", "batch_size", "validate_every", "validation_count", "sampling_steps", "jobs"):
+        for name in ("steps", "batch_size", "validate_every", "validation_count", "sampling_steps", "jobs", "examples"):
             if getattr(self, name) <= 0:
                 raise ControlNextError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
         if self.threads is not None and self.threads <= 0:
@@ -346,6 +348,13 @@ class ConvergenceStudy:
             if not values or len(set(values)) != len(values):
                 raise ControlNextError(f"the study's {name} must be at least one, each named once, not {values}")
         return self
+
+    def sharing(self, work_dir: Path) -> ConvergenceStudy:
+        """The study with what every run shares among the TrainConfig fields: its training scenes and, when on,
+        the latent cache in `work_dir`."""
+        shared = {"generated_examples": self.examples,
+                  **({"latent_cache": str(Path(work_dir) / "latent-cache")} if self.latent_cache else {})}
+        return replace(self, extra={**shared, **self.extra})
 
     def setup(self, kind: str, recipe: str, seed: int, resolution: int) -> ConvergenceSetup:
         """The setup each method of one (kind, recipe, seed) trains with, as a single comparison would."""
@@ -531,6 +540,7 @@ def run_study(study: ConvergenceStudy, work_dir: str | Path, log=print) -> dict:
 
     study.check()
     work_dir = Path(work_dir)
+    study = study.sharing(work_dir)
     resolution = study.resolution or base_resolution(study.base)
     digest = base_digest(study.base)
     floors, runs = {}, []

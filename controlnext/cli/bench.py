@@ -64,6 +64,10 @@ def add_parser(subparsers, parent) -> None:
                        help="learning-rate recipes: paper (each paper's own rates), common (1e-3 for every "
                        "trainable weight) (default: paper common)")
     study.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: 0 1 2)")
+    study.add_argument("--examples", type=int, default=None,
+                       help="training scenes every run draws from: the first N of the train split (default: 4000)")
+    study.add_argument("--no-latent-cache", dest="latent_cache", action="store_false",
+                       help="encode each scene every time it is drawn instead of once for all runs")
     study.add_argument("--jobs", type=int, default=1,
                        help="runs trained at once, each in its own process with --threads threads (default: 1)")
     parser.add_argument("--results", default="BENCHMARKS.json",
@@ -74,7 +78,8 @@ def add_parser(subparsers, parent) -> None:
 
 CONVERGENCE_FLAGS = ("base", "steps", "validate_every", "batch_size", "learning_rate", "module_learning_rate",
                      "module_config", "validation_count", "sampling_steps")
-STUDY_FLAGS = ("base", "steps", "validate_every", "batch_size", "module_config", "validation_count", "sampling_steps")
+STUDY_FLAGS = ("base", "steps", "validate_every", "batch_size", "module_config", "validation_count", "sampling_steps",
+               "examples")
 
 
 def run(args) -> int:
@@ -148,7 +153,7 @@ def study_from_args(args):
     given = {name: getattr(args, name) for name in STUDY_FLAGS if getattr(args, name) is not None}
     lists = {"kinds": args.kind, "recipes": args.recipes, "seeds": args.seeds}
     given.update({name: tuple(values) for name, values in lists.items() if values is not None})
-    return ConvergenceStudy(**given, jobs=args.jobs, threads=args.threads).check()
+    return ConvergenceStudy(**given, jobs=args.jobs, threads=args.threads, latent_cache=args.latent_cache).check()
 
 
 def run_study(args) -> int:

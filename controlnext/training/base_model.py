@@ -47,7 +47,10 @@ class BaseTrainingConfig:
     unet_lr: float = 1e-3
     warmup_steps: int = 100
     empty_caption_rate: float = 0.1
-    snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss
+    # Min-SNR loss weighting (Hang et al., 2023); 0 for the plain loss. With v-prediction its weight min(SNR, g) /
+    # (SNR + 1) vanishes at high noise, where the background is decided: at g = 5 the 128 px model drew the right
+    # background for 0.17 of held-out captions after 500 steps, against 1.00 without it
+    snr_gamma: float = 0.0
     prediction_type: str = "v_prediction"  # as SD 2.x (Salimans & Ho, 2022), or "epsilon" as SD 1.x
     offset_noise: float = 0.0  # std of a per-channel constant added to the noise (Guttenberg, 2023)
     ema_decay: float = 0.998

@@ -73,6 +73,9 @@ class TrainConfig:
     resolution: int = option(512, "training size in pixels (square); images and conditions of another size are "
                              "resized so that the short side equals it, then centre-cropped", resume=True)
     generated_examples: int = option(50_000, "number of examples of a generated data set", resume=True)
+    latent_cache: str = option("", "folder in which each example's VAE latent distribution and condition are kept the "
+                               "first time it is drawn and read back after (runs on the same data, size and VAE "
+                               "share it; draws are sampled as encoding would); empty: encode every step")
     timestep_density: str = option("logit_normal", "SD3 bases (flow matching): how training draws the noise level, "
                                    "as SD3's own training scripts (logit_normal, mode or uniform), on the "
                                    "scheduler's shifted schedule", resume=True,

@@ -25,6 +25,7 @@ from ..errors import ControlNextError, MissingDependencyError
 from ..methods import METHODS, ControlMethod
 from . import checkpoint as ckpt
 from .base import BaseModel, load_training_base
+from .cache import LatentCache, data_identity, sample_latents
 from .config import TrainConfig
 from .data import ControlDataset, derive_seed, make_loader, open_source
 from .flow_matching import FlowMatching, noisy_latents
@@ -67,7 +68,10 @@ def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: Train
     """|| target - model(x_t, t, text, condition) ||^2, target = noise, velocity or latents (the scheduler's type),
     or on SD3 the flow-matching velocity noise - x_0 at sigmas drawn from SD3's density."""
     scheduler = base.noise_scheduler
-    latents = base.encode_images(batch["pixel_values"].to(device), generator)  # (b, c, h, w)
+    if "latent_mean" in batch:  # a --latent-cache item: its stored distribution, sampled as encoding would
+        latents = sample_latents(base.vae, batch["latent_mean"].to(device), batch["latent_std"].to(device), generator)
+    else:
+        latents = base.encode_images(batch["pixel_values"].to(device), generator)  # (b, c, h, w)
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(device)  # (b, c, h, w)
     flow = base.prediction_type == "flow_matching"
@@ -156,6 +160,10 @@ class Trainer:
             self.dataset = ControlDataset(open_source(config, examples), config.resolution, config.annotator)
         self.loss = video_loss if self.video else diffusion_loss
         self.base = load_training_base(config.base)
+        if config.latent_cache:
+            if self.video:
+                raise ControlNextError("--latent-cache works for image bases; a video base encodes its clips each step")
+            self.dataset = LatentCache(self.dataset, config.latent_cache, self.base.vae, data_identity(config))
         self.control, init_weights = self._build_control()
         self._select_trainable(init_weights)
         acc.print(describe_counts(self.control, self.base.unet, self.selected))
