@@ -172,6 +172,11 @@ def _multiset_recall(expected: list, found: list) -> float:
     return sum((Counter(expected) & Counter(found)).values()) / max(len(expected), 1)
 
 
+# scores that need the scene's positions, which a caption does not give (only the order from left to right):
+# they measure a control, not a text-to-image model
+IN_PLACE_SCORES = ("kind_in_place", "colour_in_place")
+
+
 def shapes_in_place(found: Sequence[DetectedShape], spec: ShapesSpec, width: int, height: int,
                     reach: float = 0.5) -> list[DetectedShape | None]:
     """For each shape of the scene, the shape found at its place (None: nothing there).

@@ -24,6 +24,7 @@ from controlnext.control.loading import load_control  # noqa: E402
 from controlnext.data.shapes import ShapesWorld  # noqa: E402
 from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 from controlnext.evaluation import CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores  # noqa: E402
+from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults  # noqa: E402
 from controlnext.training.base_model import evaluate_base  # noqa: E402
@@ -56,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     specs = [ShapesWorld().spec(index, "test") for index in range(args.count)]
     report = {"count": args.count, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
               "base": grouped_shape_scores(images, specs), "controls": {}}
-    for group, scores in report["base"].items():
-        print(f"base model, {group} ({scores['scenes']} held-out captions): "
-              + "  ".join(f"{key} {value:.3f}" for key, value in scores.items() if key != "scenes"), flush=True)
+    for group, scores in report["base"].items():  # the in-place scores need positions, which captions do not give
+        print(f"base model, {group} ({scores['scenes']} held-out captions): " + "  ".join(
+            f"{key} {value:.3f}" for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)), flush=True)
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
         scores = evaluate_control(controlled, kind, count=args.count, seed=args.seed, steps=args.steps,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..denoisers import pipeline_denoiser
 from ..data.shapes import ShapesWorld, render_condition, render_image
-from ..metrics import edge_f1, mean_shape_scores
+from ..metrics import IN_PLACE_SCORES, edge_f1, mean_shape_scores
 from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
                               build_vae)
 
@@ -322,7 +322,8 @@ def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Pat
         pipeline = assemble_pipeline(vae, averaged[1], tokenizer, averaged[0], scheduler)
         scores, _ = evaluate_base(pipeline, count=config.eval_count, world_seed=config.seed)
         history.append({"step": step, **scores})
-        log(f"eval at step {step}: " + "  ".join(f"{key} {value:.3f}" for key, value in scores.items()))
+        log(f"eval at step {step}: " + "  ".join(f"{key} {value:.3f}" for key, value in scores.items()
+                                                 if key not in IN_PLACE_SCORES))
 
     unet, text_encoder = train_denoiser(unet, text_encoder, tokenizer, scheduler, means, stds, captions, scaling_factor,
                                         config, evaluate, log)
