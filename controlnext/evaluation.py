@@ -76,8 +76,10 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
 # (label, where in the report, least value): what the default model is held to
 TARGETS = (
     ("canny control: edge F1 at 1 px", ("controls", "canny", "controlled"), 0.9),
-    ("canny control: shape kind in place, scenes of 1-3 shapes", ("controls", "canny", "controlled_kind_in_place"), 0.9),
-    ("canny control: colour in place, scenes of 1-3 shapes", ("controls", "canny", "controlled_colour_in_place"), 0.9),
+    ("canny control: shape kind in place, scenes of 1-3 shapes", ("controls", "canny", "controlled_kind_in_place"),
+     0.9),
+    ("canny control: colour in place, scenes of 1-3 shapes", ("controls", "canny", "controlled_colour_in_place"),
+     0.9),
     ("no control: background, one-shape captions", ("base", "one_shape", "background"), 0.95),
     ("no control: shape colour, one-shape captions", ("base", "one_shape", "colour"), 0.95),
     ("no control: shape kind, one-shape captions", ("base", "one_shape", "kind"), 0.95),

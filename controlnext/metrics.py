@@ -213,7 +213,8 @@ def shape_scores(image: Image.Image | np.ndarray, spec: ShapesSpec) -> dict[str,
         "kind": _multiset_recall([k for _, k in expected_pairs], [k for _, k in found_pairs]),
         "shape": matched_pairs / max(len(expected_pairs), len(found_pairs), 1),
         "count": float(len(found) == len(spec.shapes)),
-        "kind_in_place": _share(item is not None and item.kind == shape.kind for item, shape in zip(placed, spec.shapes)),
+        "kind_in_place": _share(item is not None and item.kind == shape.kind
+                                for item, shape in zip(placed, spec.shapes)),
         "colour_in_place": _share(item is not None and item.colour == shape.colour
                                   for item, shape in zip(placed, spec.shapes)),
     }

@@ -1,8 +1,8 @@
 """Figure of a shapes-world model with its controls: rows of held-out scenes, condition | with | without control.
 
     python scripts/figure_controls.py                      # the embedded default and its shipped controls
-    python scripts/figure_controls.py --base controlnext/assets/sd3-base --control canny=controlnext/assets/sd3-controls/canny \\
-        --rows 4 --output docs/images/sd3-canny.png
+    python scripts/figure_controls.py --base controlnext/assets/sd3-base \\
+        --control canny=controlnext/assets/sd3-controls/canny --rows 4 --output docs/images/sd3-canny.png
 """
 
 from __future__ import annotations

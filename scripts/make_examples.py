@@ -18,7 +18,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCENES = {
     "circle": (ShapesSpec("blue", (Shape("circle", "red", (0.5, 0.5), 0.28),)), ("canny", "mask")),
     "square-and-triangle": (ShapesSpec("white", (Shape("square", "green", (0.28, 0.62), 0.2),
-                                                 Shape("triangle", "yellow", (0.72, 0.4), 0.21))), ("canny", "mask", "skeleton")),
+                                                 Shape("triangle", "yellow", (0.72, 0.4), 0.21))),
+                            ("canny", "mask", "skeleton")),
 }
 
 

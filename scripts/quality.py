@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=None, help="base model folder (default: the embedded default model; "
                         "controlnext/assets/sd3-base for the shapes-world SD3)")
     parser.add_argument("--controls", nargs="*", default=None,
-                        help=f"KIND=FOLDER pairs, KIND one of {', '.join(CONTROL_METRICS)} (default: the shipped controls)")
+                        help=f"KIND=FOLDER pairs, KIND one of {', '.join(CONTROL_METRICS)} "
+                        "(default: the shipped controls)")
     parser.add_argument("--count", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {"count": args.count, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
               "base": grouped_shape_scores(images, specs), "controls": {}}
     for group, scores in report["base"].items():  # the in-place scores need positions, which captions do not give
-        print(f"base model, {group} ({scores['scenes']} held-out captions): " + "  ".join(
-            f"{key} {value:.3f}" for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)), flush=True)
+        shown = {key: value for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)}
+        print(f"base model, {group} ({scores['scenes']} held-out captions): "
+              + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
         scores = evaluate_control(controlled, kind, count=args.count, seed=args.seed, steps=args.steps,

@@ -24,7 +24,8 @@ def add_flags(parser: argparse.ArgumentParser, config) -> list[str]:
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif isinstance(value, tuple):
-            parser.add_argument(flag, type=lambda text: tuple(int(part) for part in text.split(",") if part), default=value,
+            parser.add_argument(flag, type=lambda text: tuple(int(part) for part in text.split(",") if part),
+                                default=value,
                                 help=f"default {','.join(map(str, value))}")
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")

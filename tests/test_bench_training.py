@@ -265,7 +265,8 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
     plan = [stored["key"]["base_digest"], images, stored["key"]["validation_prompts"], tmp_path / "mask"]
     shared = study.sharing(tmp_path)
     assert all(finished_result(run) is not None for run in plan_runs(shared, "mask", 64, *plan))
-    assert all(finished_result(run) is None for run in plan_runs(replace(shared, guidance_scale=3.0), "mask", 64, *plan))
+    changed = replace(shared, guidance_scale=3.0)
+    assert all(finished_result(run) is None for run in plan_runs(changed, "mask", 64, *plan))
     assert len(list((tmp_path / "latent-cache").rglob("*.safetensors"))) <= study.examples  # each scene once
     assert stored["deleted"] == []  # small weights stay
 

@@ -143,7 +143,8 @@ def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str,
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     error = (decoded.float() - images.float()).abs().mean().item()
     pictures = list(decoded.permute(0, 2, 3, 1).numpy())
-    edges = np.mean([edge_f1(render_condition(spec, "canny", resolution), picture) for spec, picture in zip(specs, pictures)])
+    edges = np.mean([edge_f1(render_condition(spec, "canny", resolution), picture)
+                     for spec, picture in zip(specs, pictures)])
     return {"mean_abs_error": error, "edge_f1": float(edges), **mean_shape_scores(pictures, specs)}
 
 

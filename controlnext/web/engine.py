@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 from collections import OrderedDict
 from pathlib import Path
 

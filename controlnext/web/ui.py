@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from ..advice import condition_note, prompt_note, size_note, trained_vocabulary
 from ..errors import ControlNextError
 from ..metadata import save_with_parameters
-from ..request import (CONTROL_MODES, DEFAULT_BASE, OFFLOADS, RESIZE_MODES, SCHEDULER_NAMES, UNET_WEIGHTS, ControlSettings,
-                       GenerationRequest, LoraSettings, configured_size, settings)
+from ..request import (CONTROL_MODES, DEFAULT_BASE, OFFLOADS, RESIZE_MODES, SCHEDULER_NAMES, UNET_WEIGHTS,
+                       ControlSettings, GenerationRequest, LoraSettings, configured_size, settings)
 from .catalog import ModelCatalog
 from .engine import Engine, available_annotators
 from .schemas import GenerateRequest, describe_errors
@@ -28,7 +28,8 @@ LORA_SLOTS = 2
 CANVAS = 512
 HISTORY = 48  # images kept in a session's gallery
 PREVIEW_HEIGHT = 300
-EXAMPLES = ((4, "canny"), (5, "mask"), (7, "canny"), (9, "skeleton"))  # scenes of the shapes world's test split, and their control
+# scenes of the shapes world's test split, and their control
+EXAMPLES = ((4, "canny"), (5, "mask"), (7, "canny"), (9, "skeleton"))
 CSS = """
 .pixelated img { image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%; }
 #examples img { image-rendering: pixelated; }
@@ -341,7 +342,8 @@ def embedded_model_help() -> str:
     side = (configured_size(DEFAULT_BASE) or (0, 0))[0]
     return (
         "**The built-in model** is tiny: it draws one to three **" + ", ".join(s for s in SHAPE_KINDS if s in words)
-        + "** shapes in **" + ", ".join(colours) + f"** on a background of one of those colours, at **{side} x {side} px**, "
+        + "** shapes in **" + ", ".join(colours)
+        + f"** on a background of one of those colours, at **{side} x {side} px**, "
         "and knows no other words. Write prompts as *a red circle on a blue background* or *a green square and a "
         "yellow triangle on a white background*; its controls are **canny** (white outlines on black), **mask** "
         "(white shapes on black) and **skeleton** (like a pose map: coloured limbs from each shape's centre to its "
