@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from controlnext.data.shapes import (CONDITION_KINDS, LIMB_COLOURS, PALETTE, SHAPE_KINDS, Shape, ShapesDataset,
-                                     ShapesSpec, ShapesWorld, make_sample, read_shapes_metadata, render_condition, render_image,
-                                     write_shapes_dataset)
+                                     ShapesSpec, ShapesWorld, make_sample, read_shapes_metadata, render_condition,
+                                     render_image, write_shapes_dataset)
 from controlnext.errors import ControlNextError
 from controlnext.metrics import binary_f1, binary_map, edge_f1, mask_iou
 
