@@ -5,6 +5,7 @@ from PIL import Image
 
 from controlnext.advice import condition_note, prompt_note, size_note, trained_vocabulary, unknown_words
 from controlnext.cli import main
+from controlnext.request import DEFAULT_BASE, configured_size
 
 
 def test_the_embedded_models_vocabulary_is_its_captions_words():
@@ -20,8 +21,9 @@ def test_other_bases_get_no_vocabulary_or_size_notes(tiny_base):
 
 
 def test_size_and_condition_notes():
-    assert size_note(None, None, None) is None and size_note(64, 64, None) is None
-    assert "64x64" in size_note(128, None, None)
+    side = configured_size(DEFAULT_BASE)[0]  # the embedded default's own size
+    assert size_note(None, None, None) is None and size_note(side, side, None) is None
+    assert f"{side}x{side}" in size_note(2 * side, None, None)
     colour = Image.new("RGB", (64, 64), (200, 30, 30))
     edges = Image.new("RGB", (64, 64))
     edges.paste((255, 255, 255), (10, 10, 50, 11))
@@ -34,9 +36,10 @@ def test_size_and_condition_notes():
 def test_the_cli_warns_on_stderr_and_still_generates(tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.new("RGB", (64, 64), (30, 70, 215)).save(photo)
-    argv = ["generate", "-p", "a cat", "--control", "canny", "--image", str(photo), "--width", "128", "--steps", "1",
-            "--no-progress", "-o", str(tmp_path / "out.png")]
+    side = configured_size(DEFAULT_BASE)[0]
+    argv = ["generate", "-p", "a cat", "--control", "canny", "--image", str(photo), "--width", str(2 * side),
+            "--steps", "1", "--no-progress", "-o", str(tmp_path / "out.png")]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert "never saw 'cat'" in err and "trained at 64x64" in err and "expects an edge map" in err
+    assert "never saw 'cat'" in err and f"trained at {side}x{side}" in err and "expects an edge map" in err
     assert (tmp_path / "out.png").is_file()

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from controlnext.request import ASSETS, DEFAULT_BASE, configured_size
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPOSITORY)) for p in (REPOSITORY / "docs").glob("*.md")),
              "scripts/README.md"]
@@ -124,9 +126,10 @@ def test_example_runs_as_written(document, lang, code, workdir):
     with serving_if_needed(code):
         done = run_example(lang, code, workdir)
     assert done.returncode == 0, f"{document} example failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    for written in ("outputs/circle.png", "out.png", "sd3.png"):
-        if written in code:
-            assert Image.open(workdir / written).size == (64, 64)
+    bases = {"outputs/circle.png": DEFAULT_BASE, "out.png": DEFAULT_BASE, "sd3.png": ASSETS / "sd3-base"}
+    for written, base in bases.items():
+        if written in code:  # at the base's own size
+            assert Image.open(workdir / written).size == configured_size(base)
 
 
 class serving_if_needed:
