@@ -30,6 +30,8 @@ def main() -> None:
         for kind in kinds:
             name = f"{stem}.png" if kind == "canny" else f"{stem}-{kind}.png"
             render_condition(spec, kind, side).save(EXAMPLES / name)
+        if stem == "circle":  # the shapes-world SD3 draws at 64 px
+            render_condition(spec, "canny", 64).save(EXAMPLES / "circle-64.png")
         print(f"{stem}: {spec.caption()}")
 
 

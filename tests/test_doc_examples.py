@@ -49,7 +49,7 @@ SKIPPED = {
     ("docs/web.md", "controlnext serve --models-dir ~/models --base /models/sd15.safetensors --control /models/my-canny "
                     "\\"): "needs SD 1.5 weights and serves until interrupted",
     ("scripts/README.md", "python scripts/train_base.py --log base.log          # writes controlnext/assets/base/ "
-                          "(replaces it)"): "retrains the embedded model (half an hour)",
+                          "(replaces it)"): "retrains the embedded model (an hour and more)",
     ("scripts/README.md", "python scripts/train_base.py --output /tmp/tiny_base --train-images 200 --vae-steps 20 "
                           "--unet-steps 30 --eval-every 0"): "trains for half a minute; tests/test_base_model.py runs "
                                                              "the training on fewer steps",

@@ -44,7 +44,7 @@ def test_readme_command_draws_the_example_with_the_sd3(tmp_path):
     from controlnext.cli import main
     from controlnext.metrics import detect_shapes, edge_f1
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "circle.png"
+    example = Path(__file__).resolve().parents[1] / "examples" / "circle-64.png"
     output = tmp_path / "sd3.png"
     assert main(["generate", "--base", str(SD3_BASE_MODEL_DIR), "--control", str(CONTROL), "--image", str(example),
                  "--prompt", "a red circle on a blue background", "--guidance", "5", "--output", str(output),
