@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import ControlNextError
 from .config import TrainConfig
@@ -50,11 +51,11 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __init__(self, dataset, folder: str | Path, vae: torch.nn.Module, identity: dict):
         self.dataset, self.vae = dataset, vae
-        key = hashlib.sha256(json.dumps({**identity, "vae": vae_digest(vae)}, sort_keys=True).encode()).hexdigest()[:16]
-        self.folder = Path(folder) / key
+        identity = {**identity, "vae": vae_digest(vae)}
+        self.folder = Path(folder) / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / "key.json").write_text(json.dumps({**identity, "vae": vae_digest(vae)}, indent=1))
+            (self.folder / "key.json").write_text(json.dumps(identity, indent=1))
         except OSError as error:
             raise ControlNextError(f"cannot write the latent cache in {folder} ({error.strerror}); "
                                    "give a writable --latent-cache folder") from None
@@ -68,10 +69,8 @@ class LatentCache(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.path(index)
         if path.is_file():
-            tensors = load_file(str(path))
-            with open(path, "rb") as file:  # the caption is the file's metadata
-                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-            caption = header["__metadata__"]["caption"]
+            with safe_open(str(path), framework="pt") as file:  # the caption is the file's metadata
+                tensors, caption = {key: file.get_tensor(key) for key in file.keys()}, file.metadata()["caption"]
         else:
             tensors, caption = self._encode(index, path)
         return {"latent_mean": tensors["latent_mean"], "latent_std": tensors["latent_std"],
