@@ -173,6 +173,12 @@ def hand_runs(jumps: list[int | None]) -> list[dict]:
              "steps_per_second": 2.0, "minutes": 1.0} for seed, at in enumerate(jumps)]
 
 
+@pytest.mark.parametrize("rise, rose", [(0.0, False), (0.015, False), (0.025, True), (0.3, True)])
+def test_a_run_rises_only_beyond_the_noise(rise, rose):
+    summary = run_summary(jump(300, low=0.3, high=0.3 + rise))
+    assert (summary["onset"] is not None, summary["steps_to_90"] is not None, summary["sudden"]) == (rose, rose, rose)
+
+
 # ControlNeXt's and ControlNet's jump steps per seed -> (verdict, the figures the sentence gives for the common bar)
 VERDICTS = {
     "6x sooner, both reach the bar": ([100, 100, 200], [500, 600, None], "holds",
@@ -210,11 +216,11 @@ def test_study_aggregation_figures():
     assert (cn["final"]["min"], cn["final"]["max"]) == (pytest.approx(0.1), pytest.approx(1.3 / 3))
     assert result["common_bar"] == pytest.approx(0.54)
     assert (cnx["onset"]["median"], cn["onset"]["median"], cn["onset"]["not_reached"]) == (100, 600, 1)
-    # a flat run is at 90% of its own (low) final at once: the own-final mark flatters it, the common bar does not
-    assert (cn["steps_to_90"]["min"], cn["steps_to_90"]["median"]) == (0, 500)
+    # a flat run did not rise: it has no 90% step (it would sit at 90% of its own low final from step 0)
+    assert (cn["steps_to_90"]["min"], cn["steps_to_90"]["median"], cn["steps_to_90"]["not_reached"]) == (500, 600, 1)
     assert cn["steps_to_common_bar"]["median"] == 600 and cnx["steps_to_common_bar"]["median"] == 100
     assert (cnx["sudden"], cn["sudden"]) == (1, 2)
-    assert result["ratio_steps_to_90"] == {"value": 5.0, "lower_bound": False}
+    assert result["ratio_steps_to_90"] == {"value": 6.0, "lower_bound": False}
     assert result["ratio_onset"] == {"value": 6.0, "lower_bound": False}
     assert [run["seed"] for run in cn["runs"]] == [0, 1, 2] and cn["trainable"] == 10
     one = aggregate_recipe("mask", "common", {"controlnet": hand_runs([500])}, 600, floor=0.1)
@@ -249,7 +255,7 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
         for run in recipe["methods"]["controlnet"]["runs"]:
             assert run["curve"][0][1] == pytest.approx(entry["uncontrolled"])
     results = sorted(tmp_path.glob("mask/*/*-seed*/result.json"))
-    assert len(results) == 8 and (tmp_path / "mask" / "paper" / "controlnet-seed1" / "log.csv").is_file()
+    assert len(results) == 8 and (tmp_path / "mask" / f"paper-{study.steps}" / "controlnet-seed1" / "log.csv").is_file()
     stored = json.loads(results[0].read_text())
     assert {"curve", "steps_per_second", "minutes", "trainable", "summary", "key"} <= set(stored)
     assert "onset" in stored["summary"] and "plateau_steps" not in stored["summary"]
@@ -267,12 +273,19 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
     assert all(finished_result(run) is not None for run in plan_runs(shared, "mask", 64, *plan))
     changed = replace(shared, guidance_scale=3.0)
     assert all(finished_result(run) is None for run in plan_runs(changed, "mask", 64, *plan))
+    longer = {run.output for run in plan_runs(replace(shared, steps=3), "mask", 64, *plan)}
+    assert not longer & {run.output for run in plan_runs(shared, "mask", 64, *plan)}  # a longer study keeps these
+    # the summary is made again from the stored curve, by today's rules
+    first = plan_runs(shared, "mask", 64, *plan)[0]
+    stale = json.loads((tmp_path / first.output / "result.json").read_text()) | {"summary": {"onset": -1}}
+    (tmp_path / first.output / "result.json").write_text(json.dumps(stale))
+    assert finished_result(first)["summary"] == run_summary([tuple(point) for point in stale["curve"]])
     assert len(list((tmp_path / "latent-cache").rglob("*.safetensors"))) <= study.examples  # each scene once
     assert stored["deleted"] == []  # small weights stay
 
     # in two processes: the runs without a result file are trained again
     for name in ("controlnext-seed0", "controlnet-seed1"):
-        (tmp_path / "mask" / "common" / name / "result.json").unlink()
+        (tmp_path / "mask" / f"common-{study.steps}" / name / "result.json").unlink()
     lines.clear()
     parallel = run_study(replace(study, jobs=2), tmp_path, log=lines.append)
     assert sum("skipped" in line for line in lines) == 6 and any("training 2 runs, 2 at once" in line for line in lines)
@@ -284,12 +297,20 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert Image.open(plot).size[0] > 900  # two panels
 
+    # studies of other recipes or steps are kept side by side; a file with the former single study is read
+    label = f"paper-common-{study.steps}"
+    longer = json.loads(json.dumps(result))
+    longer["setup"]["steps"], longer["recipes"] = 9, {"paper": result["recipes"]["paper"]}
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"convergence": {"canny": {}, "mask-lr0.001-0.001": {}, "sd3-canny": {}}}))
+    path.write_text(json.dumps({"convergence": {"canny": {}, "mask-lr0.001-0.001": {}, "sd3-canny": {}},
+                                "convergence_study": longer}))
     results = update_results(path, convergence_study=result)
-    assert set(results["convergence"]) == {"sd3-canny"} and "convergence_study" in json.loads(path.read_text())
-    text = render_markdown({"convergence_study": result})
-    assert "## Convergence study on the shapes world" in text and "benchmarks/convergence-study-mask.png" in text
+    assert set(results["convergence"]) == {"sd3-canny"}
+    assert list(json.loads(path.read_text())["convergence_studies"]) == ["paper-9", label]
+    text = render_markdown({"convergence_studies": results["convergence_studies"]})
+    assert text.count("## Convergence study on the shapes world") == 2 and "paper recipes, 9 steps" in text
+    assert f"## Convergence study on the shapes world: paper and common recipes, {study.steps} steps" in text
+    assert f"benchmarks/convergence-study-{label}-mask.png" in text and "convergence-study-paper-9-mask.png" in text
     assert "### mask (mask_iou; no control" in text and "- `paper`: each paper's own" in text
     assert "| common | ControlNet |" in text and recipe["sentence"] in text
 

@@ -284,6 +284,7 @@ def plot_curves(result: dict, path: str | Path) -> Path:
 TARGET_SPEEDUP = 5  # the claim put to the test: ControlNeXt converges at least 5x sooner than ControlNet
 RESULT_FILE = "result.json"  # a finished run's result, written last into its folder
 LARGE_FILE = 64 * 2**20  # weight files of at least this many bytes are deleted once a run is finished
+MIN_GAIN = 0.02  # a run whose final fidelity is less than this above its start did not rise (validation noise)
 
 
 @dataclass(frozen=True)
@@ -424,11 +425,15 @@ def base_digest(base: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_summary(curve: list[tuple[int, float]]) -> dict:
+def run_summary(curve: list[tuple[int, float]], min_gain: float = MIN_GAIN) -> dict:
     """`summarize` with its plateau named "onset": the first validation at 10% of the run's final gain over its
-    step-0 value, where fidelity has risen above the noise between the floor and the start."""
+    step-0 value, where fidelity has risen above the noise between the floor and the start. A run that gained
+    less than `min_gain` did not rise: it has no onset, no 90% step (it would sit at 90% of its own flat final
+    from step 0) and no sudden rise."""
     summary = summarize(curve)
     summary["onset"] = summary.pop("plateau_steps")
+    if summary["final"] - summary["start"] < min_gain:
+        summary.update(onset=None, steps_to_90=None, rise_steps=None, sudden=False)
     return summary
 
 
@@ -467,7 +472,9 @@ def finished_result(run: StudyRun) -> dict | None:
         result = json.loads((Path(run.output) / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return result if result.get("key") == run.key() else None
+    if result.get("key") != run.key():
+        return None
+    return {**result, "summary": run_summary([tuple(point) for point in result["curve"]])}  # today's rules
 
 
 def train_runs(runs: list[StudyRun], jobs: int, log=print) -> list[dict]:
@@ -527,9 +534,11 @@ def kind_floor(study: ConvergenceStudy, kind: str, resolution: int, digest: str,
 
 def plan_runs(study: ConvergenceStudy, kind: str, resolution: int, digest: str, images: list[str],
               prompts: list[str], folder: Path) -> list[StudyRun]:
-    """Every (recipe, method, seed) run of one kind, each in its own folder under `folder`."""
+    """Every (recipe, method, seed) run of one kind, each in its own folder under `folder` (named by the recipe and
+    the steps too, so that studies of other lengths in the same work folder keep their runs)."""
     return [StudyRun(kind, recipe, method, seed, study.setup(kind, recipe, seed, resolution),
-                     str(folder / recipe / f"{method}-seed{seed}"), images, prompts, digest, study.threads)
+                     str(folder / f"{recipe}-{study.steps}" / f"{method}-seed{seed}"), images, prompts, digest,
+                     study.threads)
             for recipe in study.recipes for method in study.methods for seed in study.seeds]
 
 
@@ -673,6 +682,8 @@ def plot_study(result: dict, kind: str, path: str | Path) -> Path:
     recipes = entry["recipes"]
     figure, axes = plt.subplots(1, len(recipes), figsize=(5 * len(recipes), 3.8), dpi=110, sharey=True,
                                 squeeze=False)
+    top = max(value for data in recipes.values() for aggregate in data["methods"].values()
+              for run in aggregate["runs"] for _, value in run["curve"])
     for panel, (recipe, data) in zip(axes[0], recipes.items()):
         for method, aggregate in data["methods"].items():
             colour = f"C{METHODS.index(method)}" if method in METHODS else None
@@ -683,7 +694,7 @@ def plot_study(result: dict, kind: str, path: str | Path) -> Path:
         panel.axhline(entry["uncontrolled"], color="grey", linestyle="--", linewidth=1, label="no control")
         panel.set_title(f"{recipe} recipe", fontsize=10)
         panel.set_xlabel("training steps (batch %d)" % setup["batch_size"])
-        panel.set_ylim(bottom=0)
+        panel.set_ylim(0, max(top, entry["uncontrolled"]) * 1.05)  # shared: every panel's curves in view
         panel.grid(alpha=0.3)
     axes[0][0].set_ylabel(entry["metric"].replace("_", " "))
     axes[0][0].legend(fontsize=8)

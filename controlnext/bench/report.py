@@ -50,8 +50,9 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
     """Merge new results into the JSON file at `path` and return all.
 
     One overhead entry per resolution, one training-cost entry per architecture and resolution, one
-    convergence entry per condition kind; a new entry replaces the old one of the same key. A convergence
-    study replaces the single comparisons on the UNet base (`drop_unet_comparisons`), which it supersedes.
+    convergence entry per condition kind, one convergence study per recipes and steps (`study_label`); a new
+    entry replaces the old one of the same key. A convergence study replaces the single comparisons on the UNet
+    base (`drop_unet_comparisons`), which it supersedes.
     """
     path = Path(path)
     results = json.loads(path.read_text()) if path.is_file() else {}
@@ -76,11 +77,20 @@ def update_results(path: str | Path, parameters: list[dict] | None = None, overh
         results.setdefault("sd3", {})[entry["architecture"]] = entry
     if sd3_cpu is not None:
         results["sd3_cpu"] = sd3_cpu
+    studies = results.setdefault("convergence_studies", {})
+    if "convergence_study" in results:  # a file written before studies were kept side by side
+        former = results.pop("convergence_study")
+        studies[study_label(former)] = former
     if convergence_study is not None:
-        results["convergence_study"] = convergence_study
+        studies[study_label(convergence_study)] = convergence_study
         drop_unet_comparisons(results)
     path.write_text(json.dumps(results, indent=1))
     return results
+
+
+def study_label(study: dict) -> str:
+    """A convergence study's name in the results and its plots' file names: its recipes and steps ("paper-600")."""
+    return f"{'-'.join(study['recipes'])}-{study['setup']['steps']}"
 
 
 def drop_unet_comparisons(results: dict) -> list[str]:
@@ -121,8 +131,8 @@ def render_markdown(results: dict, command: str = "controlnext bench") -> str:
         lines += _video_tables(results["video"])
     if results.get("training_cost"):
         lines += _training_cost_table(list(results["training_cost"].values()))
-    if results.get("convergence_study"):
-        lines += _study_tables(results["convergence_study"])
+    for study in results.get("convergence_studies", {}).values():
+        lines += _study_tables(study)
     if results.get("convergence"):
         lines += _convergence_tables(results["convergence"])
     if results.get("sd3"):
@@ -330,7 +340,8 @@ def _study_tables(entry: dict) -> list[str]:
     setup, machine = entry["setup"], entry["machine"]
     steps = setup["steps"]
     base = f"`{setup['base']}`" if setup["base"] else "the embedded default model"
-    lines = ["## Convergence study on the shapes world", "",
+    label = study_label(entry)
+    lines = [f"## Convergence study on the shapes world: {' and '.join(entry['recipes'])} recipes, {steps} steps", "",
              "Both methods trained by `controlnext train` under each recipe, with several training seeds (data order, "
              "noise, initial weights), on each condition kind; every run of a kind is validated on the same held-out "
              "scenes with the same sampling seed. Per run: the final fidelity (mean of the last three validations), "
@@ -371,7 +382,7 @@ def _study_tables(entry: dict) -> list[str]:
             lines += [f"- `{recipe}`: " + (f"ControlNet's median steps over ControlNeXt's: {ratios}. " if ratios
                                            else "") + f"Steps to the common bar ({compared['common_bar']:.3f}): {bar}.",
                       f"  {compared['sentence']}"]
-        lines += ["", f"![fidelity against steps, {kind}, every seed](benchmarks/convergence-study-{kind}.png)"]
+        lines += ["", f"![fidelity against steps, {kind}, every seed](benchmarks/convergence-study-{label}-{kind}.png)"]
     return lines + [""]
 
 

@@ -113,14 +113,15 @@ def run_convergence_study_benchmark(study, work_dir: str | Path = "runs/converge
                                     output_path: str | Path = "BENCHMARKS.md", plots_dir: str | Path | None = None,
                                     command: str = "controlnext bench --convergence-study", log=print) -> dict:
     """Run the convergence study (`ConvergenceStudy`; finished runs are kept), plot each kind's curves, merge the
-    study into `results_path` in place of the single UNet comparisons and write the report."""
+    study into `results_path` (beside studies of other recipes or steps, in place of the single UNet comparisons)
+    and write the report."""
     from .convergence import plot_study, run_study
-    from .report import render_markdown, update_results
+    from .report import render_markdown, study_label, update_results
 
     result = run_study(study, work_dir, log=log)
     plots = Path(plots_dir) if plots_dir else Path(output_path).resolve().parent / "benchmarks"
     for kind in result["kinds"]:
-        plot_study(result, kind, plots / f"convergence-study-{kind}.png")
+        plot_study(result, kind, plots / f"convergence-study-{study_label(result)}-{kind}.png")
     results = update_results(results_path, convergence_study=result)
     Path(output_path).write_text(render_markdown(results, command))
     return result
