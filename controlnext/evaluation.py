@@ -31,28 +31,47 @@ def held_out(count: int, kind: str | None = None, resolution: int = 64, world_se
     return [world.sample(index, "test") for index in range(count)]
 
 
-@torch.no_grad()
-def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
-                     batch: int = 25, scale: float | None = None) -> dict[str, float]:
-    """Fidelity with the control, without it (same prompts and seeds) and of the real scenes; shape scores of both.
-
-    `pipe` is a ControlledPipeline holding exactly one control, made for `kind` conditions.
-    """
-    metric = getattr(metrics, CONTROL_METRICS[kind])
-    side = pipe.default_size()[0]
-    samples = held_out(count, kind, side)
-    controlled, uncontrolled = [], []
+def sampling_options(pipe, steps: int, guidance: float) -> dict:
+    """The call options every held-out image is generated with: the pipeline's own size and defaults."""
     from .pipelines.base import call_defaults
 
-    options = dict(num_inference_steps=steps, guidance_scale=guidance, height=side, width=side,
-                   **call_defaults(pipe.pipe))
+    side = pipe.default_size()[0]
+    return dict(num_inference_steps=steps, guidance_scale=guidance, height=side, width=side, **call_defaults(pipe.pipe))
+
+
+@torch.no_grad()
+def uncontrolled_images(pipe, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
+                        batch: int = 25) -> list:
+    """The base model's images for the first `count` held-out captions, seeded as `evaluate_control` seeds its
+    controlled images: the floor of every control, the same for all of them."""
+    captions = [sample.caption for sample in held_out(count, None, pipe.default_size()[0])]
+    options = sampling_options(pipe, steps, guidance)
+    return [image for start in range(0, count, batch)
+            for image in pipe.pipe(captions[start:start + batch], generator=torch.Generator().manual_seed(seed + start),
+                                   **options).images]
+
+
+@torch.no_grad()
+def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
+                     batch: int = 25, scale: float | None = None, uncontrolled: list | None = None) -> dict[str, float]:
+    """Fidelity with the control, without it (same prompts and seeds) and of the real scenes; shape scores of both.
+
+    `pipe` is a ControlledPipeline holding exactly one control, made for `kind` conditions; `uncontrolled`, the
+    images of `uncontrolled_images` with the same settings, when already made for another control.
+    """
+    if uncontrolled is not None and len(uncontrolled) != count:
+        raise ValueError(f"{len(uncontrolled)} uncontrolled images for {count} held-out scenes")
+    metric = getattr(metrics, CONTROL_METRICS[kind])
+    samples = held_out(count, kind, pipe.default_size()[0])
+    options = sampling_options(pipe, steps, guidance)
+    controlled = []
     for start in range(0, count, batch):
         chunk = samples[start:start + batch]
-        captions = [sample.caption for sample in chunk]
-        conditions = [sample.conditions[kind] for sample in chunk]
-        controlled += pipe(captions, control_images=[conditions], control_scales=scale,
-                           generator=torch.Generator().manual_seed(seed + start), **options).images
-        uncontrolled += pipe.pipe(captions, generator=torch.Generator().manual_seed(seed + start), **options).images
+        controlled += pipe([sample.caption for sample in chunk], control_images=[[s.conditions[kind] for s in chunk]],
+                           control_scales=scale, generator=torch.Generator().manual_seed(seed + start),
+                           **options).images
+    if uncontrolled is None:
+        uncontrolled = uncontrolled_images(pipe, count, seed, steps, guidance, batch)
 
     reference = SCORED_AGAINST.get(kind, kind)
 

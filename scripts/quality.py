@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from controlnext.control.loading import load_control  # noqa: E402
 from controlnext.data.shapes import ShapesWorld  # noqa: E402
 from controlnext.denoisers import pipeline_denoiser  # noqa: E402
-from controlnext.evaluation import CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores  # noqa: E402
+from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores,  # noqa: E402
+                                   uncontrolled_images)
 from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults  # noqa: E402
@@ -62,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         shown = {key: value for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)}
         print(f"base model, {group} ({scores['scenes']} held-out captions): "
               + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
+    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    floor = uncontrolled_images(pipe, **sampling) if controls else None  # the same for every control
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
-        scores = evaluate_control(controlled, kind, count=args.count, seed=args.seed, steps=args.steps,
-                                  guidance=args.guidance)
+        scores = evaluate_control(controlled, kind, uncontrolled=floor, **sampling)
         report["controls"][kind] = {"folder": folder, **scores}
         against = "" if scores["scored_against"] == kind else f" (against the scene's {scores['scored_against']})"
         print(f"{kind} control: {scores['metric']}{against} {scores['controlled']:.3f} with control, "

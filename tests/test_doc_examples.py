@@ -33,6 +33,8 @@ SKIPPED = {
     ("README.md", "controlnext generate --base /models/stable-diffusion-3-medium-diffusers --without-t5 \\"):
         "needs SD3 weights and a trained control",
     ("docs/video.md", 'pip install -c constraints.txt -e ".[video,pose]"'): "needs Stable Video Diffusion weights and a GPU",
+    ("README.md", "M='{\"stem_channels\": [16, 16, 32], \"block_out_channels\": [32, 64], \"block_groups\": [4, 8], "
+                  "\"time_proj_dim\": 32, \"time_embed_dim\": 64}'"): "the convergence study, two hours on 2 cores",
     ("docs/video.md", "import torch"): "needs Stable Video Diffusion weights and a GPU",
     ("README.md", "import torch"): "needs Stable Diffusion 1.5 weights, a control and a LoRA under /models",
     ("README.md", "controlnext annotate canny photo.jpg -o edges.png --output-size 512x768 --option low_threshold=100 "
