@@ -13,7 +13,7 @@ from controlnext.pipelines import ControlledPipeline
 from controlnext.pipelines.base import BUNDLED_CONTROLS, DEFAULT_BASE
 
 # kind -> (floor with control, ceiling of the uncontrolled score): measured values in the README
-FLOORS = {"canny": (0.3, 0.2), "mask": (0.45, 0.4)}
+FLOORS = {"canny": (0.3, 0.2), "mask": (0.45, 0.4), "skeleton": (0.5, 0.45)}
 
 
 def shipped(kind: str) -> bool:
@@ -71,3 +71,17 @@ def test_readme_command_draws_the_example(tmp_path):
     assert image.size == (side, side) and [(s.kind, s.colour) for s in shapes] == [("circle", "red")]
     assert abs(shapes[0].centre[0] - side / 2) < side / 10 and abs(shapes[0].centre[1] - side / 2) < side / 10
     assert edge_f1(Image.open(example), image) > 0.4
+
+
+def test_a_shared_floor_scores_as_one_made_for_the_control(base_pipe):
+    """quality.py generates the uncontrolled images once for every control: the scores must not change."""
+    from controlnext.evaluation import uncontrolled_images
+
+    if not shipped("canny"):
+        pytest.skip("the canny control is not shipped in this checkout")
+    pipe = ControlledPipeline(base_pipe.pipe, [load_control(BUNDLED_CONTROLS / "canny", base_pipe.pipe.unet)])
+    sampling = dict(count=4, steps=4, batch=2, seed=3)
+    floor = uncontrolled_images(base_pipe, **sampling)
+    assert evaluate_control(pipe, "canny", uncontrolled=floor, **sampling) == evaluate_control(pipe, "canny", **sampling)
+    with pytest.raises(ValueError, match="3 uncontrolled images for 4 held-out scenes"):
+        evaluate_control(pipe, "canny", uncontrolled=floor[:3], **sampling)

@@ -29,7 +29,7 @@ CANVAS = 512
 HISTORY = 48  # images kept in a session's gallery
 PREVIEW_HEIGHT = 300
 # scenes of the shapes world's test split, and their control
-EXAMPLES = ((4, "canny"), (5, "mask"), (7, "canny"))
+EXAMPLES = ((4, "canny"), (5, "mask"), (9, "skeleton"), (7, "canny"))
 CSS = """
 .pixelated img { image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%; }
 #examples img { image-rendering: pixelated; }
@@ -345,8 +345,9 @@ def embedded_model_help() -> str:
         + "** shapes in **" + ", ".join(colours)
         + f"** on a background of one of those colours, at **{side} x {side} px**, "
         "and knows no other words. Write prompts as *a red circle on a blue background* or *a green square and a "
-        "yellow triangle on a white background*; its controls are **canny** (white outlines on black) and **mask** "
-        "(white shapes on black). Or click an example below."
+        "yellow triangle on a white background*; its controls are **canny** (white outlines on black), **mask** "
+        "(white shapes on black) and **skeleton** (coloured limbs from each shape's centre to its corners, like a "
+        "pose map). Or click an example below."
     )
 
 
