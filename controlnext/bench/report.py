@@ -93,6 +93,11 @@ def study_label(study: dict) -> str:
     return f"{'-'.join(study['recipes'])}-{study['setup']['steps']}"
 
 
+def study_plot_name(study: dict, kind: str) -> str:
+    """The file name of a study's plot for one condition kind, in the plots folder beside the report."""
+    return f"convergence-study-{study_label(study)}-{kind}.png"
+
+
 def drop_unet_comparisons(results: dict) -> list[str]:
     """Remove the single convergence comparisons on the UNet base (every label but "sd3-*"); returns their labels."""
     entries = results.get("convergence", {})
@@ -340,7 +345,6 @@ def _study_tables(entry: dict) -> list[str]:
     setup, machine = entry["setup"], entry["machine"]
     steps = setup["steps"]
     base = f"`{setup['base']}`" if setup["base"] else "the embedded default model"
-    label = study_label(entry)
     lines = [f"## Convergence study on the shapes world: {' and '.join(entry['recipes'])} recipes, {steps} steps", "",
              "Both methods trained by `controlnext train` under each recipe, with several training seeds (data order, "
              "noise, initial weights), on each condition kind; every run of a kind is validated on the same held-out "
@@ -382,7 +386,7 @@ def _study_tables(entry: dict) -> list[str]:
             lines += [f"- `{recipe}`: " + (f"ControlNet's median steps over ControlNeXt's: {ratios}. " if ratios
                                            else "") + f"Steps to the common bar ({compared['common_bar']:.3f}): {bar}.",
                       f"  {compared['sentence']}"]
-        lines += ["", f"![fidelity against steps, {kind}, every seed](benchmarks/convergence-study-{label}-{kind}.png)"]
+        lines += ["", f"![fidelity against steps, {kind}, every seed](benchmarks/{study_plot_name(entry, kind)})"]
     return lines + [""]
 
 

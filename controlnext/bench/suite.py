@@ -116,12 +116,12 @@ def run_convergence_study_benchmark(study, work_dir: str | Path = "runs/converge
     study into `results_path` (beside studies of other recipes or steps, in place of the single UNet comparisons)
     and write the report."""
     from .convergence import plot_study, run_study
-    from .report import render_markdown, study_label, update_results
+    from .report import render_markdown, study_plot_name, update_results
 
     result = run_study(study, work_dir, log=log)
     plots = Path(plots_dir) if plots_dir else Path(output_path).resolve().parent / "benchmarks"
     for kind in result["kinds"]:
-        plot_study(result, kind, plots / f"convergence-study-{study_label(result)}-{kind}.png")
+        plot_study(result, kind, plots / study_plot_name(result, kind))
     results = update_results(results_path, convergence_study=result)
     Path(output_path).write_text(render_markdown(results, command))
     return result
