@@ -23,12 +23,13 @@ CONTROL_METRICS = {"canny": "edge_f1", "outline": "edge_f1", "mask": "mask_iou",
 SCORED_AGAINST = {"skeleton": "mask"}  # conditions scored against another rendering of their scene
 
 
-def held_out(count: int, kind: str | None = None, resolution: int = 64, world_seed: int = 0) -> list:
-    """The first `count` scenes of the world's test split (with the `kind` condition, and what it is scored
-    against, when given)."""
+def held_out(count: int, kind: str | None = None, resolution: int = 64, world_seed: int = 0,
+             split: str = "test") -> list:
+    """The first `count` scenes of the world's test split, or of `split` (with the `kind` condition, and what
+    it is scored against, when given)."""
     kinds = tuple(dict.fromkeys((kind, SCORED_AGAINST.get(kind, kind)))) if kind else ("mask",)
     world = ShapesWorld(seed=world_seed, resolution=resolution, conditions=kinds)
-    return [world.sample(index, "test") for index in range(count)]
+    return [world.sample(index, split) for index in range(count)]
 
 
 def sampling_options(pipe, steps: int, guidance: float) -> dict:
@@ -41,10 +42,10 @@ def sampling_options(pipe, steps: int, guidance: float) -> dict:
 
 @torch.no_grad()
 def uncontrolled_images(pipe, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
-                        batch: int = 25) -> list:
+                        batch: int = 25, split: str = "test") -> list:
     """The base model's images for the first `count` held-out captions, seeded as `evaluate_control` seeds its
     controlled images: the floor of every control, the same for all of them."""
-    captions = [sample.caption for sample in held_out(count, None, pipe.default_size()[0])]
+    captions = [sample.caption for sample in held_out(count, None, pipe.default_size()[0], split=split)]
     options = sampling_options(pipe, steps, guidance)
     return [image for start in range(0, count, batch)
             for image in pipe.pipe(captions[start:start + batch], generator=torch.Generator().manual_seed(seed + start),
@@ -53,16 +54,18 @@ def uncontrolled_images(pipe, count: int = 100, seed: int = 0, steps: int = 20, 
 
 @torch.no_grad()
 def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
-                     batch: int = 25, scale: float | None = None, uncontrolled: list | None = None) -> dict[str, float]:
+                     batch: int = 25, scale: float | None = None, uncontrolled: list | None = None,
+                     split: str = "test") -> dict[str, float]:
     """Fidelity with the control, without it (same prompts and seeds) and of the real scenes; shape scores of both.
 
     `pipe` is a ControlledPipeline holding exactly one control, made for `kind` conditions; `uncontrolled`, the
-    images of `uncontrolled_images` with the same settings, when already made for another control.
+    images of `uncontrolled_images` with the same settings, when already made for another control. `split`:
+    the scenes judged ("validation" to choose among controls, "test" to report the chosen one).
     """
     if uncontrolled is not None and len(uncontrolled) != count:
         raise ValueError(f"{len(uncontrolled)} uncontrolled images for {count} held-out scenes")
     metric = getattr(metrics, CONTROL_METRICS[kind])
-    samples = held_out(count, kind, pipe.default_size()[0])
+    samples = held_out(count, kind, pipe.default_size()[0], split=split)
     options = sampling_options(pipe, steps, guidance)
     controlled = []
     for start in range(0, count, batch):
@@ -71,7 +74,7 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
                            control_scales=scale, generator=torch.Generator().manual_seed(seed + start),
                            **options).images
     if uncontrolled is None:
-        uncontrolled = uncontrolled_images(pipe, count, seed, steps, guidance, batch)
+        uncontrolled = uncontrolled_images(pipe, count, seed, steps, guidance, batch, split)
 
     reference = SCORED_AGAINST.get(kind, kind)
 
@@ -87,6 +90,8 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
         "metric": CONTROL_METRICS[kind], "count": count, "scored_against": reference,
         "controlled": mean(controlled), "uncontrolled": mean(uncontrolled),
         "real_scenes": mean([sample.image for sample in samples]), **loose,
+        "controlled_interior_noise": float(np.mean([metrics.interior_noise(image) for image in controlled])),
+        "uncontrolled_interior_noise": float(np.mean([metrics.interior_noise(image) for image in uncontrolled])),
         **{f"controlled_{key}": value for key, value in metrics.mean_shape_scores(controlled, specs).items()},
         **{f"uncontrolled_{key}": value for key, value in metrics.mean_shape_scores(uncontrolled, specs).items()},
     }

@@ -4,8 +4,10 @@ Prints, for the base model, how often it draws the background colour, shape colo
 captions ask for (over all scenes, over one-shape captions, and in place: the right kind and colour at
 each shape's position); for each control, its fidelity (edge F1 at 1 pixel, mask IoU) between the
 condition and the generated image, with the control and without it (same prompts and seeds), next to the
-real scenes' score, and the in-place scores with and without it. Ends with the targets the default model
-is held to, each marked met or missed.
+real scenes' score, the in-place scores with and without it, and the speckle inside the drawn shapes
+(`interior_noise`, 0 for flat shapes). Ends with the targets the default model is held to, each marked met
+or missed. `--split validation` judges other scenes, for choosing among trained controls (a run's
+checkpoints: `--no-base --controls canny=RUN/checkpoints/checkpoint-000400/control`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    parser.add_argument("--split", default="test", choices=("test", "validation"),
+                        help="scenes judged: test (the figures to report) or validation (to choose among trained "
+                        "controls, e.g. a run's checkpoints, without looking at the test scenes) (default: test)")
+    parser.add_argument("--no-base", action="store_true", help="only the controls (comparing controls)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -54,16 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     pipe = ControlledPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
-    _, images = evaluate_base(pipe.pipe, count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                              **call_defaults(pipe.pipe))
-    specs = [ShapesWorld().spec(index, "test") for index in range(args.count)]
-    report = {"count": args.count, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-              "base": grouped_shape_scores(images, specs), "controls": {}}
+    report = {"count": args.count, "split": args.split, "steps": args.steps, "guidance": args.guidance,
+              "seed": args.seed, "base": {}, "controls": {}}
+    if not args.no_base:
+        _, images = evaluate_base(pipe.pipe, count=args.count, seed=args.seed, steps=args.steps,
+                                  guidance=args.guidance, split=args.split, **call_defaults(pipe.pipe))
+        report["base"] = grouped_shape_scores(images, [ShapesWorld().spec(i, args.split) for i in range(args.count)])
     for group, scores in report["base"].items():  # the in-place scores need positions, which captions do not give
         shown = {key: value for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)}
-        print(f"base model, {group} ({scores['scenes']} held-out captions): "
+        print(f"base model, {group} ({scores['scenes']} {args.split} captions): "
               + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
-    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, split=args.split)
     floor = uncontrolled_images(pipe, **sampling) if controls else None  # the same for every control
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
               + (f"; at 2 px {scores['controlled_2px']:.3f} / {scores['uncontrolled_2px']:.3f}" if "controlled_2px"
                  in scores else "") + "; with / without control: "
               + "  ".join(f"{key} {scores['controlled_' + key]:.3f} / {scores['uncontrolled_' + key]:.3f}"
-                          for key in ("kind_in_place", "colour_in_place", "kind", "colour", "count")), flush=True)
+                          for key in ("kind_in_place", "colour_in_place", "kind", "colour", "count", "interior_noise")),
+              flush=True)
     report["targets"] = check_targets(report)
     for target in report["targets"]:
         value = "not measured" if target["value"] is None else f"{target['value']:.3f}"

@@ -1,5 +1,6 @@
 """Control-fidelity and shapes-world metrics: 1 for agreement, low for unrelated inputs, robust to input types."""
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,7 +9,8 @@ from controlnext.data.shapes import PALETTE, SHAPE_KINDS, Shape, ShapesSpec, mak
 from controlnext.errors import ControlNextError
 from controlnext.evaluation import check_targets, grouped_shape_scores
 from controlnext.metrics import (background_rgb, binary_f1, binary_iou, canny_edges, classify_shape, detect_shapes,
-                                 edge_f1, foreground_mask, mask_iou, mean_shape_scores, nearest_colour, shape_scores)
+                                 edge_f1, foreground_mask, interior_noise, mask_iou, mean_shape_scores, nearest_colour,
+                                 shape_scores)
 
 
 def square_map(top: int, left: int, side: int = 8, size: int = 32) -> np.ndarray:
@@ -66,6 +68,24 @@ def test_flat_image_has_no_edges_and_no_foreground():
     black = np.zeros((32, 32), np.uint8)
     assert edge_f1(black, flat) == 1.0 and mask_iou(black, flat) == 1.0
     assert edge_f1(np.full((32, 32), 255, np.uint8), flat) == 0.0
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_interior_noise_is_zero_for_flat_shapes_and_rises_with_speckle(index):
+    image = np.asarray(make_sample(index, resolution=128).image).copy()
+    assert interior_noise(image) == 0.0
+    inside = np.argwhere(foreground_mask(image))
+    spots = np.random.default_rng(index).choice(len(inside), len(inside) // 20, replace=False)
+    speckled = image.copy()
+    for y, x in inside[spots]:  # dark 2 x 2 spots on 5% of the shapes' pixels, as over-guided controls draw
+        speckled[y:y + 2, x:x + 2] = speckled[y:y + 2, x:x + 2] // 3
+    assert interior_noise(speckled) > 0.02
+    blurred = cv2.GaussianBlur(image, (5, 5), 0)  # soft edges alone are not speckle
+    assert interior_noise(blurred) < 0.2 * interior_noise(speckled)
+
+
+def test_interior_noise_of_an_image_without_shapes_is_zero():
+    assert interior_noise(np.full((32, 32, 3), 90, np.uint8)) == 0.0
 
 
 @pytest.mark.parametrize("convert", [

@@ -36,11 +36,12 @@ def test_seed_split_and_index_each_change_the_scene():
     assert len(specs) == 4
 
 
-def test_train_and_test_splits_do_not_share_scenes():
+def test_the_splits_do_not_share_scenes():
     world = ShapesWorld(seed=0)
-    train = {world.spec(index) for index in range(300)}
-    test = {world.spec(index, "test") for index in range(300)}
-    assert not train & test
+    train, test, validation = ({world.spec(index, split) for index in range(300)}
+                               for split in ("train", "test", "validation"))
+    assert len(train) == len(test) == len(validation) == 300
+    assert not train & test and not train & validation and not test & validation
 
 
 @pytest.mark.parametrize("index", INDICES)
@@ -193,7 +194,7 @@ def test_writer_round_trips(tmp_path):
     lambda: ShapesWorld(resolution=60),
     lambda: ShapesWorld(conditions=("depth",)),
     lambda: ShapesWorld(max_shapes=4),
-    lambda: ShapesWorld().spec(0, "validation"),
+    lambda: ShapesWorld().spec(0, "dev"),
     lambda: render_condition(make_sample(0).spec, "pose"),
 ])
 def test_bad_input_raises_a_user_error(make):

@@ -40,6 +40,22 @@ def test_shipped_control_follows_its_condition(base_pipe, kind):
 
 
 @pytest.mark.parametrize("kind", FLOORS)
+def test_shipped_control_draws_flat_shapes_at_the_default_guidance(base_pipe, kind):
+    """Over-trained controls speckle the inside of shapes as guidance grows; at `generate`'s default guidance a
+    shipped control keeps them about as flat as the model draws them without control."""
+    import dataclasses
+
+    from controlnext.request import GenerationRequest
+
+    guidance = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}["guidance"]
+    if not shipped(kind):
+        pytest.skip(f"the {kind} control is not shipped in this checkout")
+    pipe = ControlledPipeline(base_pipe.pipe, [load_control(BUNDLED_CONTROLS / kind, base_pipe.pipe.unet)])
+    scores = evaluate_control(pipe, kind, count=8, steps=10, batch=8, guidance=guidance)
+    assert scores["controlled_interior_noise"] < 1.8 * scores["uncontrolled_interior_noise"], scores
+
+
+@pytest.mark.parametrize("kind", FLOORS)
 def test_shipped_control_is_small_safetensors_for_this_base(kind):
     if not shipped(kind):
         pytest.skip(f"the {kind} control is not shipped in this checkout")

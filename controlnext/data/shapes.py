@@ -15,8 +15,9 @@ itself, never by running a detector on the image:
 Scenes hold one to three shapes that do not overlap, on a background of another colour; squares and
 triangles stand nearly upright (turned by at most `max_angle` degrees) and a shape alone is drawn
 larger, so that a small model can learn each kind. Captions list the shapes from left to right: "a red
-circle, a blue square and a green triangle on a white background". The "train" and "test" splits are
-separate random streams of the same world.
+circle, a blue square and a green triangle on a white background". The "train", "test" and "validation"
+splits are separate random streams of the same world (validation: for choosing among trained models, so
+that the test scenes judge only the choice).
 
 `write_shapes_dataset` writes a folder laid out as
 
@@ -54,7 +55,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPE_KINDS = ("circle", "square", "triangle")
 CONDITION_KINDS = ("canny", "mask", "outline", "skeleton")
-SPLITS = {"train": 0, "test": 1}
+SPLITS = {"train": 0, "test": 1, "validation": 2}
 
 _VERTEX_COUNTS = {"square": 4, "triangle": 3}
 _MARGIN = 0.03  # free border around shapes, in units of the image side
@@ -160,7 +161,7 @@ class ShapesWorld:
             raise ControlNextError(f"max_shapes={self.max_shapes} is out of range; pick 1, 2 or 3")
 
     def spec(self, index: int, split: str = "train") -> ShapesSpec:
-        """The scene of sample `index` of `split` ("train" or "test")."""
+        """The scene of sample `index` of `split` ("train", "test" or "validation")."""
         if split not in SPLITS:
             raise ControlNextError(f"unknown split {split!r}; pick one of {sorted(SPLITS)}")
         rng = np.random.default_rng([self.seed, SPLITS[split], index])

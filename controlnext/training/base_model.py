@@ -237,12 +237,13 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 @torch.no_grad()
 def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
-                  batch: int = 25, world_seed: int = 0, **call_options) -> tuple[dict[str, float], list]:
-    """Generate from the first `count` held-out ("test") captions; return mean shape scores and the images.
+                  batch: int = 25, world_seed: int = 0, split: str = "test",
+                  **call_options) -> tuple[dict[str, float], list]:
+    """Generate from the first `count` held-out ("test", or `split`) captions; return mean shape scores and the images.
 
     Works for a UNet or a transformer pipeline; `call_options` go to the pipeline call."""
     world = ShapesWorld(seed=world_seed)
-    specs = [world.spec(index, "test") for index in range(count)]
+    specs = [world.spec(index, split) for index in range(count)]
     resolution = pipeline_denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
     generator = torch.Generator().manual_seed(seed)
     images = []
