@@ -24,8 +24,10 @@ SUMMARIES = {
                                                   (500, 0.6)], 100, 100, 0, False),
     "steady climb": ([(0, 0.0), (100, 0.2), (200, 0.4), (300, 0.6), (400, 0.8), (500, 1.0), (600, 1.0),
                       (700, 1.0)], 500, 100, 400, False),
-    "never rises": ([(0, 0.5), (100, 0.4), (200, 0.3), (300, 0.3), (400, 0.3)], 0, None, None, False),
-    "flat (its mean rounds above the start)": ([(step, 0.1) for step in range(0, 700, 100)], 0, None, None, False),
+    "never rises": ([(0, 0.5), (100, 0.4), (200, 0.3), (300, 0.3), (400, 0.3)], None, None, None, False),
+    "flat (its mean rounds above the start)": ([(step, 0.1) for step in range(0, 700, 100)], None, None, None, False),
+    "a rise within validation noise": ([(0, 0.20), (100, 0.21), (200, 0.19), (300, 0.22), (400, 0.21),
+                                        (500, 0.22)], None, None, None, False),
 }
 
 

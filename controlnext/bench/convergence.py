@@ -136,14 +136,18 @@ def first_step(curve: list[tuple[int, float]], threshold: float) -> int | None:
     return next((step for step, value in curve if value >= threshold), None)
 
 
-def summarize(curve: list[tuple[int, float]], tail: int = 3) -> dict:
+MIN_GAIN = 0.02  # a run whose final fidelity is less than this above its start did not rise (validation noise)
+
+
+def summarize(curve: list[tuple[int, float]], tail: int = 3, min_gain: float = MIN_GAIN) -> dict:
     """Final fidelity (mean of the last `tail` validations), steps to 90% of it, and how sudden the rise was.
 
     The rise is measured on the gain over the step-0 value: "plateau" is the step where 10% of the final
     gain is first reached, "rise" the steps from there to 90% of the gain. A curve is called sudden
     (ControlNet's "sudden convergence", Zhang et al., Sec. 4.1) when its plateau outlasts the first
     validation interval and lasts at least twice as long as its rise (a rise within one interval counting
-    as one interval).
+    as one interval). A run that gained less than `min_gain` did not rise: it has no plateau, no 90% step (it
+    would sit at 90% of its own flat final from step 0) and no sudden rise.
     """
     if not curve:
         raise ControlNextError("no validation points to summarize; validate more often than the run is long")
@@ -160,6 +164,9 @@ def summarize(curve: list[tuple[int, float]], tail: int = 3) -> dict:
     rise = gain_90 - plateau if plateau is not None and gain_90 is not None else None
     interval = steps[1] - steps[0] if len(steps) > 1 else 1
     sudden = bool(plateau is not None and rise is not None and plateau > interval and plateau >= 2 * max(rise, interval))
+    if gain < min_gain:
+        to_90 = plateau = rise = None
+        sudden = False
     return {"start": start, "final": final, "steps_to_90": to_90, "plateau_steps": plateau, "rise_steps": rise,
             "sudden": sudden, "last_step": steps[-1]}
 
@@ -209,8 +216,9 @@ def run_convergence(setup: ConvergenceSetup, work_dir: str | Path, log=print) ->
         run = train_method(setup, method, output, images, prompts)
         summary = summarize(run["curve"])
         result["methods"][method] = {**run, **summary}
-        log(f"{setup.kind}: {method} final {setup.metric} {summary['final']:.3f}, 90% of it at step "
-            f"{summary['steps_to_90']}, sudden: {summary['sudden']}")
+        rose = (f"90% of it at step {summary['steps_to_90']}" if summary["steps_to_90"] is not None
+                else f"not rising by {MIN_GAIN} over its start")
+        log(f"{setup.kind}: {method} final {setup.metric} {summary['final']:.3f}, {rose}, sudden: {summary['sudden']}")
     return compare(result)
 
 
@@ -284,7 +292,6 @@ def plot_curves(result: dict, path: str | Path) -> Path:
 TARGET_SPEEDUP = 5  # the claim put to the test: ControlNeXt converges at least 5x sooner than ControlNet
 RESULT_FILE = "result.json"  # a finished run's result, written last into its folder
 LARGE_FILE = 64 * 2**20  # weight files of at least this many bytes are deleted once a run is finished
-MIN_GAIN = 0.02  # a run whose final fidelity is less than this above its start did not rise (validation noise)
 
 
 @dataclass(frozen=True)
@@ -427,13 +434,10 @@ def base_digest(base: str | None) -> str:
 
 def run_summary(curve: list[tuple[int, float]], min_gain: float = MIN_GAIN) -> dict:
     """`summarize` with its plateau named "onset": the first validation at 10% of the run's final gain over its
-    step-0 value, where fidelity has risen above the noise between the floor and the start. A run that gained
-    less than `min_gain` did not rise: it has no onset, no 90% step (it would sit at 90% of its own flat final
-    from step 0) and no sudden rise."""
-    summary = summarize(curve)
+    step-0 value, where fidelity has risen above the noise between the floor and the start (None: the run did
+    not rise by `min_gain`)."""
+    summary = summarize(curve, min_gain=min_gain)
     summary["onset"] = summary.pop("plateau_steps")
-    if summary["final"] - summary["start"] < min_gain:
-        summary.update(onset=None, steps_to_90=None, rise_steps=None, sudden=False)
     return summary
 
 

@@ -258,6 +258,8 @@ def _training_cost_table(entries: list[dict]) -> list[str]:
 
 
 def _convergence_tables(entries: dict) -> list[str]:
+    from .convergence import MIN_GAIN
+
     lines = ["## Convergence on the shapes world", "",
              "Both methods trained by `controlnext train` on the embedded default model (entries named sd3-*: on "
              "the shapes-world SD3, the diffusion transformer) with the same data, batch, seed and number of steps; "
@@ -265,7 +267,8 @@ def _convergence_tables(entries: dict) -> list[str]:
              "alike (same seeds, sampler steps and guidance). \"90% step\": the first "
              "validation at 90% of the final fidelity (mean of the last three validations). Plateau and rise: steps "
              "to 10% of the gain over the start, then from 10% to 90% of it; \"sudden\" when the plateau lasts at "
-             "least twice the rise and more than one validation interval (ControlNet's sudden convergence).", "",
+             "least twice the rise and more than one validation interval (ControlNet's sudden convergence); \"-\": the run "
+             f"did not rise by {MIN_GAIN} over its start.", "",
              "| condition | metric | no control | method | trainable | start | final | 90% step | plateau | rise "
              "| sudden | steps/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, entry in entries.items():
@@ -274,7 +277,8 @@ def _convergence_tables(entries: dict) -> list[str]:
             trainable = _m(run["trainable"]) if run.get("trainable") else "-"
             lines.append(f"| {label} | {setup['metric']} | {entry['uncontrolled']:.3f} | "
                          f"{METHOD_NAMES.get(method, method)} | {trainable} | {run['start']:.3f} | {run['final']:.3f} | "
-                         f"{run['steps_to_90']} | {run['plateau_steps']} | {run['rise_steps']} | "
+                         + " | ".join("-" if run[key] is None else str(run[key])
+                                      for key in ("steps_to_90", "plateau_steps", "rise_steps")) + " | "
                          f"{'yes' if run['sudden'] else 'no'} | {run['steps_per_second']:.2f} |")
     lines.append("")
     for label, entry in entries.items():
