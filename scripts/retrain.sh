@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Retrain the embedded default model and its controls from scratch, then copy them into the package.
-#   bash scripts/retrain.sh            # base model (~60 min on 2 CPU cores), then the canny, mask and skeleton controls
+#   bash scripts/retrain.sh            # base model (~2 hours on 2 CPU cores), then the canny, mask and skeleton controls
 #   bash scripts/retrain.sh controls   # only the controls, on the base model already in controlnext/assets/base
 #   THREADS=1 STEPS=300 KINDS="canny mask" bash scripts/retrain.sh controls   # threads, steps and kinds of the controls
+# Each control keeps a checkpoint every 200 steps in runs/control-KIND/checkpoints (each with control/, loadable).
 # Same seeds and thread count give the same weights on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}  # torch threads of each control's training
-STEPS=${STEPS:-800}  # optimizer steps of each control
+STEPS=${STEPS:-}  # optimizer steps of every control (default: each kind's own, below)
 ASSETS=controlnext/assets
 MODULE='{"stem_channels": [16, 16, 32], "block_out_channels": [32, 64], "block_groups": [4, 8], "time_proj_dim": 32, "time_embed_dim": 64}'
 
@@ -19,11 +20,12 @@ fi
 
 for kind in ${KINDS:-canny mask skeleton}; do
   case $kind in canny) metric=edge_f1 ;; mask) metric=mask_iou ;; *) metric=none ;; esac  # quality.py scores skeletons
+  case $kind in canny) steps=800 ;; mask) steps=400 ;; *) steps=600 ;; esac  # the shipped controls' steps
   rm -rf "$RUNS/control-$kind"
   OMP_NUM_THREADS=$THREADS controlnext train --data "shapes-$kind" --resolution 128 --module-config "$MODULE" \
     --generated-examples 6400 --latent-cache "$RUNS/latent-cache" --learning-rate 1e-3 --module-learning-rate 1e-3 \
-    --lr-scheduler cosine --batch-size 16 --max-steps "$STEPS" \
-    --checkpoint-every 0 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
+    --lr-scheduler cosine --batch-size 16 --max-steps "${STEPS:-$steps}" \
+    --checkpoint-every 200 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
     --validation-metric "$metric" --no-progress-bar --no-tensorboard --output-dir "$RUNS/control-$kind"
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"
   cp "$RUNS/control-$kind"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \

@@ -96,7 +96,7 @@ def test_min_snr_weights_follow_the_formula_on_the_schedule():
 def test_moving_average_matches_the_warm_up_average_it_replaced():
     """diffusers' EMAModel against the script's former average, theta <- d theta + (1 - d) theta_new with
     d = min(decay, (1 + n) / (10 + n)) from n = 0; the only difference, diffusers copying at the first
-    update, weighs 0.1 * prod(d_n) ~ 1e-15 after 200 steps and ~1e-27 after the recipe's 4500."""
+    update, weighs 0.1 * prod(d_n) ~ 1e-15 after 200 steps and ~1e-27 after the recipe's thousands."""
     from controlnext.training.base_model import averaged_copies, moving_average
 
     module = torch.nn.Linear(4, 3)

@@ -42,7 +42,7 @@ class BaseTrainingConfig:
     vae_crop: int = 32  # train the autoencoder on random crops of this side (0: whole images), as SD's was
     vae_from: str = ""  # reuse this AutoencoderKL folder (or a pipeline folder's vae/) instead of training one
     kl_weight: float = 1e-6  # per latent element against per-pixel reconstruction, as LDM's VAE
-    unet_steps: int = 4500
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 100
