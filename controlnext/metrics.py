@@ -121,8 +121,9 @@ def interior_noise(image: Image.Image | np.ndarray, kernel: int = 7, inset: int 
     """
     array = as_rgb_array(image)
     contours, _ = cv2.findContours(foreground_mask(array).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    filled = cv2.drawContours(np.zeros(array.shape[:2], np.uint8), contours, -1, 1, cv2.FILLED)  # spots near the
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * inset + 1, 2 * inset + 1))  # background's colour count
+    # holes filled: spots as dark as the background are outside the foreground, yet inside a shape
+    filled = cv2.drawContours(np.zeros(array.shape[:2], np.uint8), contours, -1, 1, cv2.FILLED)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * inset + 1, 2 * inset + 1))
     inside = cv2.erode(filled, disc) > 0
     if not inside.any():
         return 0.0

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from controlnext.control.loading import load_control  # noqa: E402
-from controlnext.data.shapes import ShapesWorld  # noqa: E402
+from controlnext.data.shapes import SPLITS, ShapesWorld  # noqa: E402
 from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores,  # noqa: E402
                                    uncontrolled_images)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
-    parser.add_argument("--split", default="test", choices=("test", "validation"),
+    parser.add_argument("--split", default="test", choices=sorted(set(SPLITS) - {"train"}),
                         help="scenes judged: test (the figures to report) or validation (to choose among trained "
                         "controls, e.g. a run's checkpoints, without looking at the test scenes) (default: test)")
     parser.add_argument("--no-base", action="store_true", help="only the controls (comparing controls)")

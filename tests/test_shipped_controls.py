@@ -43,11 +43,9 @@ def test_shipped_control_follows_its_condition(base_pipe, kind):
 def test_shipped_control_draws_flat_shapes_at_the_default_guidance(base_pipe, kind):
     """Over-trained controls speckle the inside of shapes as guidance grows; at `generate`'s default guidance a
     shipped control keeps them about as flat as the model draws them without control."""
-    import dataclasses
+    from controlnext.request import GenerationRequest, settings
 
-    from controlnext.request import GenerationRequest
-
-    guidance = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}["guidance"]
+    guidance = settings(GenerationRequest)["guidance"].default
     if not shipped(kind):
         pytest.skip(f"the {kind} control is not shipped in this checkout")
     pipe = ControlledPipeline(base_pipe.pipe, [load_control(BUNDLED_CONTROLS / kind, base_pipe.pipe.unet)])
