@@ -94,6 +94,10 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
         "uncontrolled_interior_noise": float(np.mean([metrics.interior_noise(image) for image in uncontrolled])),
         **{f"controlled_{key}": value for key, value in metrics.mean_shape_scores(controlled, specs).items()},
         **{f"uncontrolled_{key}": value for key, value in metrics.mean_shape_scores(uncontrolled, specs).items()},
+        # where the in-place scores are lost: per number of shapes in the scene
+        "controlled_in_place_by_count": {
+            group: {key: scores[key] for key in (*metrics.IN_PLACE_SCORES, "scenes")}
+            for group, scores in grouped_shape_scores(controlled, specs).items() if group != "all"},
     }
 
 

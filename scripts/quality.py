@@ -29,8 +29,7 @@ from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_con
                                    uncontrolled_images)
 from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
-from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults  # noqa: E402
-from controlnext.training.base_model import evaluate_base  # noqa: E402
+from controlnext.pipelines.base import BUNDLED_CONTROLS  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -62,16 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     report = {"count": args.count, "split": args.split, "steps": args.steps, "guidance": args.guidance,
               "seed": args.seed, "base": {}, "controls": {}}
+    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, split=args.split)
+    # the base model's images: judged on their own, and the floor of every control (same prompts and seeds)
+    floor = uncontrolled_images(pipe, **sampling) if controls or not args.no_base else None
     if not args.no_base:
-        _, images = evaluate_base(pipe.pipe, count=args.count, seed=args.seed, steps=args.steps,
-                                  guidance=args.guidance, split=args.split, **call_defaults(pipe.pipe))
-        report["base"] = grouped_shape_scores(images, [ShapesWorld().spec(i, args.split) for i in range(args.count)])
+        report["base"] = grouped_shape_scores(floor, [ShapesWorld().spec(i, args.split) for i in range(args.count)])
     for group, scores in report["base"].items():  # the in-place scores need positions, which captions do not give
         shown = {key: value for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)}
         print(f"base model, {group} ({scores['scenes']} {args.split} captions): "
               + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
-    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, split=args.split)
-    floor = uncontrolled_images(pipe, **sampling) if controls else None  # the same for every control
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
         scores = evaluate_control(controlled, kind, uncontrolled=floor, **sampling)
@@ -84,10 +82,16 @@ def main(argv: list[str] | None = None) -> None:
               + "  ".join(f"{key} {scores['controlled_' + key]:.3f} / {scores['uncontrolled_' + key]:.3f}"
                           for key in ("kind_in_place", "colour_in_place", "kind", "colour", "count", "interior_noise")),
               flush=True)
+        print(f"  {kind} control in place, by shapes per scene: " + "  ".join(
+            f"{group} ({values['scenes']}) kind {values['kind_in_place']:.3f} colour {values['colour_in_place']:.3f}"
+            for group, values in scores["controlled_in_place_by_count"].items()), flush=True)
     report["targets"] = check_targets(report)
     for target in report["targets"]:
-        value = "not measured" if target["value"] is None else f"{target['value']:.3f}"
-        print(f"target {target['target']} >= {target['least']}: {value}, {'met' if target['met'] else 'MISSED'}")
+        if target["value"] is None:
+            print(f"target {target['target']} >= {target['least']}: not measured")
+        else:
+            print(f"target {target['target']} >= {target['least']}: {target['value']:.3f}, "
+                  f"{'met' if target['met'] else 'MISSED'}")
     report["seconds"] = round(time.time() - started, 1)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -20,10 +20,11 @@ fi
 
 for kind in ${KINDS:-canny mask skeleton}; do
   case $kind in canny) metric=edge_f1 ;; mask) metric=mask_iou ;; *) metric=none ;; esac  # quality.py scores skeletons
-  case $kind in canny) steps=800 ;; mask) steps=400 ;; *) steps=600 ;; esac  # the shipped controls' steps
+  case $kind in canny) steps=1600 ;; mask) steps=600 ;; *) steps=800 ;; esac  # the shipped controls' steps
   rm -rf "$RUNS/control-$kind"
   OMP_NUM_THREADS=$THREADS controlnext train --data "shapes-$kind" --resolution 128 --module-config "$MODULE" \
-    --generated-examples 6400 --latent-cache "$RUNS/latent-cache" --learning-rate 1e-3 --module-learning-rate 1e-3 \
+    --generated-examples 6400 --latent-cache "$RUNS/latent-cache" --trainable 'attn[12]\.' \
+    --learning-rate 1e-3 --module-learning-rate 1e-3 \
     --lr-scheduler cosine --batch-size 16 --max-steps "${STEPS:-$steps}" \
     --checkpoint-every 200 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
     --validation-metric "$metric" --no-progress-bar --no-tensorboard --output-dir "$RUNS/control-$kind"
