@@ -55,7 +55,7 @@ def uncontrolled_images(pipe, count: int = 100, seed: int = 0, steps: int = 20, 
 @torch.no_grad()
 def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
                      batch: int = 25, scale: float | None = None, uncontrolled: list | None = None,
-                     split: str = "test") -> dict[str, float]:
+                     split: str = "test") -> dict:
     """Fidelity with the control, without it (same prompts and seeds) and of the real scenes; shape scores of both.
 
     `pipe` is a ControlledPipeline holding exactly one control, made for `kind` conditions; `uncontrolled`, the

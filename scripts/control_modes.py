@@ -35,7 +35,7 @@ def generate(pipe, prompts: list[str], conditions: list[Image.Image], mode: str,
 
 
 def figure(pipe, steps: int, guidance: float) -> Image.Image:
-    condition = render_condition(CIRCLE, "canny")
+    condition = render_condition(CIRCLE, "canny", pipe.default_size()[0])  # at the model's own size
     columns = ["condition", *CONTROL_MODES]
     sheet = Image.new("RGB", (CELL * len(columns), (CELL + LABEL) * len(PROMPTS) + LABEL), "white")
     draw = ImageDraw.Draw(sheet)
@@ -53,7 +53,7 @@ def figure(pipe, steps: int, guidance: float) -> Image.Image:
 
 
 def measure(pipe, count: int, steps: int, guidance: float) -> None:
-    samples = [make_sample(index, split="test") for index in range(count)]
+    samples = [make_sample(index, split="test", resolution=pipe.default_size()[0]) for index in range(count)]
     prompts, conditions = [s.caption for s in samples], [s.conditions["canny"] for s in samples]
     for mode in CONTROL_MODES:
         images = generate(pipe, prompts, conditions, mode, steps, guidance)

@@ -1,12 +1,12 @@
 """Quality of the embedded default model and its controls on held-out scenes of the shapes world.
 
 Prints, for the base model, how often it draws the background colour, shape colours and kinds its
-captions ask for (over all scenes, over one-shape captions, and in place: the right kind and colour at
-each shape's position); for each control, its fidelity (edge F1 at 1 pixel, mask IoU) between the
-condition and the generated image, with the control and without it (same prompts and seeds), next to the
-real scenes' score, the in-place scores with and without it, and the speckle inside the drawn shapes
-(`interior_noise`, 0 for flat shapes). Ends with the targets the default model is held to, each marked met
-or missed. `--split validation` judges other scenes, for choosing among trained controls (a run's
+captions ask for (over all scenes and per number of shapes); for each control, its fidelity (edge F1 at 1
+pixel, mask IoU) between the condition and the generated image, with the control and without it (the base
+model's images above: same prompts and seeds), next to the real scenes' score, the in-place scores (the
+right kind and colour at each shape's position) with and without it, also per number of shapes, and the
+speckle inside the drawn shapes (`interior_noise`, 0 for flat shapes). Ends with the targets the default
+model is held to, each marked met, missed or not measured. `--split validation` judges other scenes, for choosing among trained controls (a run's
 checkpoints: `--no-base --controls canny=RUN/checkpoints/checkpoint-000400/control`).
 """
 
