@@ -82,6 +82,7 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
         return float(sum(score(s.conditions[reference], image) for s, image in zip(samples, images)) / count)
 
     specs = [sample.spec for sample in samples]
+    groups = grouped_shape_scores(controlled, specs)  # the shapes found once: over all scenes and per shape count
     loose = {}
     if CONTROL_METRICS[kind] == "edge_f1":  # also at 2 pixels' tolerance, as edge benchmarks often report
         wide = partial(metrics.edge_f1, tolerance=2)
@@ -92,12 +93,11 @@ def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: in
         "real_scenes": mean([sample.image for sample in samples]), **loose,
         "controlled_interior_noise": float(np.mean([metrics.interior_noise(image) for image in controlled])),
         "uncontrolled_interior_noise": float(np.mean([metrics.interior_noise(image) for image in uncontrolled])),
-        **{f"controlled_{key}": value for key, value in metrics.mean_shape_scores(controlled, specs).items()},
+        **{f"controlled_{key}": value for key, value in groups["all"].items() if key != "scenes"},
         **{f"uncontrolled_{key}": value for key, value in metrics.mean_shape_scores(uncontrolled, specs).items()},
         # where the in-place scores are lost: per number of shapes in the scene
-        "controlled_in_place_by_count": {
-            group: {key: scores[key] for key in (*metrics.IN_PLACE_SCORES, "scenes")}
-            for group, scores in grouped_shape_scores(controlled, specs).items() if group != "all"},
+        "controlled_in_place_by_count": {group: {key: scores[key] for key in (*metrics.IN_PLACE_SCORES, "scenes")}
+                                         for group, scores in groups.items() if group != "all"},
     }
 
 

@@ -6,8 +6,9 @@ pixel, mask IoU) between the condition and the generated image, with the control
 model's images above: same prompts and seeds), next to the real scenes' score, the in-place scores (the
 right kind and colour at each shape's position) with and without it, also per number of shapes, and the
 speckle inside the drawn shapes (`interior_noise`, 0 for flat shapes). Ends with the targets the default
-model is held to, each marked met, missed or not measured. `--split validation` judges other scenes, for choosing among trained controls (a run's
-checkpoints: `--no-base --controls canny=RUN/checkpoints/checkpoint-000400/control`).
+model is held to, each marked met, missed or not measured. `--split validation` judges other scenes, for
+choosing among trained controls (a run's checkpoints: `--no-base --controls
+canny=RUN/checkpoints/checkpoint-000400/control`).
 """
 
 from __future__ import annotations
@@ -87,11 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             for group, values in scores["controlled_in_place_by_count"].items()), flush=True)
     report["targets"] = check_targets(report)
     for target in report["targets"]:
-        if target["value"] is None:
-            print(f"target {target['target']} >= {target['least']}: not measured")
-        else:
-            print(f"target {target['target']} >= {target['least']}: {target['value']:.3f}, "
-                  f"{'met' if target['met'] else 'MISSED'}")
+        value = target["value"]
+        verdict = "not measured" if value is None else f"{value:.3f}, {'met' if target['met'] else 'MISSED'}"
+        print(f"target {target['target']} >= {target['least']}: {verdict}")
     report["seconds"] = round(time.time() - started, 1)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
