@@ -1,6 +1,7 @@
 """The embedded base model: its tokenizer, its builders, its training script and the shipped weights."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,11 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from controlnext.data.shapes import PALETTE, ShapesWorld, make_sample
+from controlnext.errors import ControlNextError
 from controlnext.metrics import background_rgb, mean_shape_scores
 from controlnext.models.tiny_sd import (BASE_MODEL_DIR, TinySDConfig, build_scheduler, build_text_encoder,
                                         build_tokenizer, build_unet, build_vae, learn_merges, load_base_pipeline,
                                         shapes_words)
-from controlnext.training.base_model import BaseTrainingConfig, latent_scaling_factor, snr_weights, train_base_model
+from controlnext.training.base_model import (BaseTrainingConfig, evaluate_base, latent_scaling_factor, snr_weights,
+                                             train_base_model)
 
 TINY = TinySDConfig(resolution=32, text_hidden_size=16, text_layers=1, text_heads=2, vae_channels=(8, 16),
                     unet_channels=(8, 16), unet_attention=(), attention_heads=2, norm_groups=4)
@@ -166,6 +169,42 @@ def test_training_is_reproducible_for_a_seed(tiny_runs):
         first, second = load_file(tiny_runs[0] / part), load_file(tiny_runs[1] / part)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_a_run_started_from_a_trained_folder_begins_at_its_weights(tiny_runs, tmp_path):
+    """No steps from --init-from gives back the folder's weights; a few steps move them; other sizes are refused."""
+    base = dict(seed=4, train_images=8, vae_batch=4, unet_batch=4, warmup_steps=1, eval_every=0,
+                init_from=str(tiny_runs[0]))
+    parts = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+             "vae/diffusion_pytorch_model.safetensors")
+    moved = {}
+    for steps in (0, 2):
+        folder = train_base_model(tmp_path / f"steps{steps}", BaseTrainingConfig(unet_steps=steps, model=TINY, **base),
+                                  log=lambda line: None)
+        for part in parts:
+            start, now = load_file(tiny_runs[0] / part), load_file(folder / part)
+            moved[steps, part] = max((now[key].float() - start[key].float()).abs().max().item() for key in start)
+    assert all(moved[0, part] == 0 for part in parts)
+    assert moved[2, parts[0]] > 0 and moved[2, parts[1]] > 0 and moved[2, parts[2]] == 0
+    wider = replace(TINY, unet_channels=tuple(2 * width for width in TINY.unet_channels))
+    with pytest.raises(ControlNextError, match="does not fit the model sizes"):
+        train_base_model(tmp_path / "wider", BaseTrainingConfig(unet_steps=0, model=wider, **base), log=lambda line: None)
+
+
+def test_training_evaluation_draws_the_images_the_quality_script_judges(tiny_base):
+    """scripts/eval_base.py (evaluate_base) and scripts/quality.py (uncontrolled_images) give the same figures."""
+    from controlnext.evaluation import uncontrolled_images
+    from controlnext.pipelines import ControlledPipeline
+
+    pipe = ControlledPipeline.from_pretrained(str(tiny_base))
+    pipe.set_progress_bar_config(disable=True)
+    sampling = dict(count=5, seed=7, steps=2, guidance=3.0, batch=2)
+    _, ours = evaluate_base(pipe.pipe, **sampling)
+    theirs = uncontrolled_images(pipe, **sampling)
+    assert len(ours) == len(theirs) == 5
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))
+    _, other_seed = evaluate_base(pipe.pipe, **{**sampling, "seed": 8})
+    assert not np.array_equal(np.asarray(other_seed[0]), np.asarray(ours[0]))
 
 
 # The shipped base model. Measured: see scripts/README.md; the floors below sit well under it.

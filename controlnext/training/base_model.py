@@ -41,6 +41,9 @@ class BaseTrainingConfig:
     vae_lr: float = 1e-3
     vae_crop: int = 32  # train the autoencoder on random crops of this side (0: whole images), as SD's was
     vae_from: str = ""  # reuse this AutoencoderKL folder (or a pipeline folder's vae/) instead of training one
+    # start the text encoder and UNet from this trained pipeline folder (and reuse its VAE unless vae_from says
+    # otherwise): one more warm-up and cosine cycle of unet_steps on a model already trained
+    init_from: str = ""
     kl_weight: float = 1e-6  # per latent element against per-pixel reconstruction, as LDM's VAE
     unet_steps: int = 8000
     unet_batch: int = 32
@@ -225,6 +228,25 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor
     return averaged_copies(ema, [unet, text_encoder])
 
 
+def load_trained_weights(folder: Path, text_encoder, unet) -> None:
+    """Copy a trained pipeline folder's text encoder and UNet weights into the freshly built modules (same sizes)."""
+    from safetensors.torch import load_file
+
+    from ..errors import ControlNextError
+
+    for module, file in ((text_encoder, folder / "text_encoder" / "model.safetensors"),
+                         (unet, folder / "unet" / "diffusion_pytorch_model.safetensors")):
+        if not file.is_file():
+            raise ControlNextError(f"{file} is missing: --init-from takes a folder written by this script")
+        weights = {key: value.float() for key, value in load_file(file).items()}
+        try:
+            module.load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0]
+            raise ControlNextError(f"{file} does not fit the model sizes given ({first}); pass the sizes it was "
+                                   "trained with (its training_config.json)") from None
+
+
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     from diffusers import StableDiffusionPipeline
 
@@ -241,16 +263,17 @@ def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, gu
                   **call_options) -> tuple[dict[str, float], list]:
     """Generate from the first `count` held-out ("test", or `split`) captions; return mean shape scores and the images.
 
-    Works for a UNet or a transformer pipeline; `call_options` go to the pipeline call."""
+    Works for a UNet or a transformer pipeline; `call_options` go to the pipeline call. Each batch is seeded with
+    `seed` + its first index, as scripts/quality.py seeds the base model's images, so both give the same figures."""
     world = ShapesWorld(seed=world_seed)
     specs = [world.spec(index, split) for index in range(count)]
     resolution = pipeline_denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
-    generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, count, batch):
         captions = [spec.caption() for spec in specs[start:start + batch]]
         images += pipeline(captions, height=resolution, width=resolution, num_inference_steps=steps,
-                           guidance_scale=guidance, generator=generator, **call_options).images
+                           guidance_scale=guidance, generator=torch.Generator().manual_seed(seed + start),
+                           **call_options).images
     return mean_shape_scores(images, specs), images
 
 
@@ -297,10 +320,11 @@ def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Pat
     log(f"rendered {len(images)} training images in {time.time() - started:.0f}s")
 
     tokenizer = build_tokenizer(work / "tokenizer", config.model)
-    if config.vae_from:
+    vae_from = config.vae_from or config.init_from
+    if vae_from:
         from diffusers import AutoencoderKL
 
-        source = Path(config.vae_from)
+        source = Path(vae_from)
         source = source / "vae" if (source / "vae").is_dir() else source
         vae = AutoencoderKL.from_pretrained(str(source), dtype=torch.float32).eval()
         log(f"reusing the autoencoder in {source}")
@@ -317,6 +341,9 @@ def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Pat
     torch.manual_seed(config.seed + 1)
     text_encoder = build_text_encoder(tokenizer, config.model)
     unet = build_unet(config.model)
+    if config.init_from:
+        load_trained_weights(Path(config.init_from), text_encoder, unet)
+        log(f"starting the text encoder and UNet from {config.init_from}")
     scheduler = build_scheduler(config.prediction_type)
     history = []
 
