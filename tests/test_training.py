@@ -342,7 +342,7 @@ def test_validation_runs_the_pipeline_as_the_former_loop_did(tiny_base):
         hidden, pooled = base.encode_prompts(prompts, "cpu")
         assert torch.equal(hidden, base.text_encoders[0](ids)[0]) and pooled is None
     got = generate(base, control, conditions, prompts, steps=3, guidance_scale=5.0, seed=7, scale=0.8)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # CPUs differ in their last float bits
     assert not base.unet._forward_pre_hooks  # detached after the call
 
 
