@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from controlnext.control.loading import load_control  # noqa: E402
 from controlnext.data.shapes import SPLITS, ShapesWorld  # noqa: E402
 from controlnext.denoisers import pipeline_denoiser  # noqa: E402
+from controlnext.devices import resolve_device  # noqa: E402
 from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores,  # noqa: E402
                                    uncontrolled_images)
 from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
@@ -42,12 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="strength of every control (default: each control's recommended scale)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     parser.add_argument("--split", default="test", choices=sorted(set(SPLITS) - {"train"}),
                         help="scenes judged: test (the figures to report) or validation (to choose among trained "
                         "controls, e.g. a run's checkpoints, without looking at the test scenes) (default: test)")
     parser.add_argument("--no-base", action="store_true", help="only the controls (comparing controls)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N or mps; "
+                        "a GPU's figures differ from a CPU's in the last bits of the arithmetic (default: auto)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     controls = dict(item.split("=", 1) for item in args.controls) if args.controls is not None else {
         kind: str(shipped / kind) for kind in CONTROL_METRICS if (shipped / kind).is_dir()}
     started = time.time()
-    pipe = ControlledPipeline.from_pretrained(args.base)
+    pipe = ControlledPipeline.from_pretrained(args.base, device=resolve_device(args.device))
     pipe.set_progress_bar_config(disable=True)
-    report = {"count": args.count, "split": args.split, "steps": args.steps, "guidance": args.guidance,
-              "seed": args.seed, "base": {}, "controls": {}}
+    report = {"device": str(pipe.pipe.device), "count": args.count, "split": args.split, "steps": args.steps,
+              "guidance": args.guidance, "scale": args.scale, "seed": args.seed, "base": {}, "controls": {}}
     sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, split=args.split)
     # the base model's images: judged on their own, and the floor of every control (same prompts and seeds)
     floor = uncontrolled_images(pipe, **sampling) if controls or not args.no_base else None
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
               + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
     for kind, folder in controls.items():
         controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
-        scores = evaluate_control(controlled, kind, uncontrolled=floor, **sampling)
+        scores = evaluate_control(controlled, kind, uncontrolled=floor, scale=args.scale, **sampling)
         report["controls"][kind] = {"folder": folder, **scores}
         against = "" if scores["scored_against"] == kind else f" (against the scene's {scores['scored_against']})"
         print(f"{kind} control: {scores['metric']}{against} {scores['controlled']:.3f} with control, "

@@ -105,3 +105,30 @@ def test_a_shared_floor_scores_as_one_made_for_the_control(base_pipe):
     assert evaluate_control(pipe, "canny", uncontrolled=floor, **sampling) == evaluate_control(pipe, "canny", **sampling)
     with pytest.raises(ValueError, match="3 uncontrolled images for 4 held-out scenes"):
         evaluate_control(pipe, "canny", uncontrolled=floor[:3], **sampling)
+
+
+def test_quality_script_at_scale_zero_scores_the_uncontrolled_images(tmp_path, monkeypatch):
+    """`quality.py --scale 0` switches every control off: its 'with control' figures are the base model's."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    if not shipped("canny"):
+        pytest.skip("the canny control is not shipped in this checkout")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
+    report = tmp_path / "quality.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--count", "2", "--steps", "2", "--no-base", "--scale", "0",
+                                      "--controls", f"canny={BUNDLED_CONTROLS / 'canny'}",
+                                      "--json", str(report)])
+    threads = torch.get_num_threads()  # the script sets its own
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    figures = json.loads(report.read_text())
+    canny = figures["controls"]["canny"]
+    assert figures["scale"] == 0
+    for key in ("kind_in_place", "colour_in_place", "kind", "colour", "interior_noise"):
+        assert canny[f"controlled_{key}"] == canny[f"uncontrolled_{key}"], key
+    assert canny["controlled"] == canny["uncontrolled"]
