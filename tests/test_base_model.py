@@ -14,8 +14,8 @@ from controlnext.metrics import background_rgb, mean_shape_scores
 from controlnext.models.tiny_sd import (BASE_MODEL_DIR, TinySDConfig, build_scheduler, build_text_encoder,
                                         build_tokenizer, build_unet, build_vae, learn_merges, load_base_pipeline,
                                         shapes_words)
-from controlnext.training.base_model import (BaseTrainingConfig, evaluate_base, latent_scaling_factor, snr_weights,
-                                             train_base_model)
+from controlnext.training.base_model import (BaseTrainingConfig, evaluate_base, latent_scaling_factor,
+                                             render_training_set, snr_weights, train_base_model)
 
 TINY = TinySDConfig(resolution=32, text_hidden_size=16, text_layers=1, text_heads=2, vae_channels=(8, 16),
                     unet_channels=(8, 16), unet_attention=(), attention_heads=2, norm_groups=4)
@@ -189,6 +189,22 @@ def test_a_run_started_from_a_trained_folder_begins_at_its_weights(tiny_runs, tm
     wider = replace(TINY, unet_channels=tuple(2 * width for width in TINY.unet_channels))
     with pytest.raises(ControlNextError, match="does not fit the model sizes"):
         train_base_model(tmp_path / "wider", BaseTrainingConfig(unet_steps=0, model=wider, **base), log=lambda line: None)
+
+
+def test_training_set_is_the_same_drawn_by_several_processes():
+    images, captions = render_training_set(7, seed=2, resolution=32)
+    for workers in (2, 3):
+        parallel, parallel_captions = render_training_set(7, seed=2, resolution=32, workers=workers)
+        assert torch.equal(parallel, images) and parallel_captions == captions
+    assert images.shape == (7, 3, 32, 32) and len(set(captions)) > 1
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    lines = []
+    config = BaseTrainingConfig(train_images=8, device="cuda:7" if torch.cuda.is_available() else "cuda", model=TINY)
+    with pytest.raises(ControlNextError, match="not available"):
+        train_base_model(tmp_path / "model", config, log=lines.append)
+    assert lines == [] and not list(tmp_path.iterdir())
 
 
 def test_training_evaluation_draws_the_images_the_quality_script_judges(tiny_base):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoisers import pipeline_denoiser
+from ..devices import resolve_device
 from ..data.shapes import ShapesWorld, render_condition, render_image
 from ..metrics import IN_PLACE_SCORES, edge_f1, mean_shape_scores
 from ..models.tiny_sd import (TinySDConfig, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
@@ -59,7 +60,10 @@ class BaseTrainingConfig:
     ema_decay: float = 0.998
     eval_every: int = 500  # steps between quick quality checks (0: none)
     eval_count: int = 24
-    threads: int = 2  # the machines this runs on are shared: at most 2
+    threads: int = 2  # torch threads, and processes rendering the training set; the machines here are shared: at most 2
+    # where the networks train: auto (CUDA when present, else MPS, else the CPU), cpu, cuda, cuda:N or mps. The
+    # random draws stay on the CPU, so every device sees the same batches, noise and timesteps
+    device: str = "auto"
     half_precision_storage: bool = True  # store VAE and UNet as float16 (diffusers loads them as float32)
     model: TinySDConfig = field(default_factory=TinySDConfig)
 
@@ -67,13 +71,31 @@ class BaseTrainingConfig:
 Log = Callable[[str], None]
 
 
-def render_training_set(count: int, seed: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Images (n, 3, R, R) uint8 and captions of the first `count` train samples."""
+def render_scenes(seed: int, resolution: int, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+    """Images (n, R, R, 3) uint8 and captions of train samples start..stop-1."""
     world = ShapesWorld(seed=seed, resolution=resolution)
-    specs = [world.spec(index) for index in range(count)]
-    images = [np.asarray(render_image(spec, resolution)) for spec in specs]
-    captions = [spec.caption() for spec in specs]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+    specs = [world.spec(index) for index in range(start, stop)]
+    return np.stack([np.asarray(render_image(spec, resolution)) for spec in specs]), [s.caption() for s in specs]
+
+
+def render_training_set(count: int, seed: int, resolution: int,
+                        workers: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """Images (n, 3, R, R) uint8 and captions of the first `count` train samples, drawn by `workers` processes
+    (each scene depends on its index alone, so the set is the same for any number of workers)."""
+    bounds = np.linspace(0, count, max(1, min(workers, count)) + 1).astype(int)
+    if len(bounds) == 2:
+        parts = [render_scenes(seed, resolution, 0, count)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
+        with ProcessPoolExecutor(len(bounds) - 1, mp_context=multiprocessing.get_context(method)) as pool:
+            parts = list(pool.map(render_scenes, *zip(*[(seed, resolution, int(a), int(b))
+                                                        for a, b in zip(bounds[:-1], bounds[1:])])))
+    images = np.concatenate([images for images, _ in parts])
+    captions = [caption for _, part in parts for caption in part]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -89,7 +111,8 @@ def cosine_schedule(optimizer, total: int, warmup: int):
 
 
 def train_vae(vae, images: torch.Tensor, config: BaseTrainingConfig, log: Log = print) -> None:
-    """Reconstruction (L1 + L2) plus kl_weight * KL(q(z|x) || N(0, I)) per latent element."""
+    """Reconstruction (L1 + L2) plus kl_weight * KL(q(z|x) || N(0, I)) per latent element, on the VAE's device."""
+    device = vae.device
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     schedule = cosine_schedule(optimizer, config.vae_steps, config.warmup_steps)
@@ -100,9 +123,9 @@ def train_vae(vae, images: torch.Tensor, config: BaseTrainingConfig, log: Log = 
         if 0 < config.vae_crop < images.shape[-1]:
             top, left = torch.randint(images.shape[-1] - config.vae_crop + 1, (2,), generator=generator).tolist()
             batch = batch[..., top:top + config.vae_crop, left:left + config.vae_crop]
-        pixels = to_model_range(batch)  # (b, 3, h, w)
+        pixels = to_model_range(batch.to(device))  # (b, 3, h, w)
         posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         reconstruction = vae.decode(latents).sample  # (b, 3, h, w)
         rec_loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels)
         kl_loss = posterior.kl().mean() / pixels[0].numel()
@@ -118,12 +141,12 @@ def train_vae(vae, images: torch.Tensor, config: BaseTrainingConfig, log: Log = 
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image, each (n, c, h, w)."""
+    """Posterior mean and std of every image, each (n, c, h, w), on the CPU (the VAE may run elsewhere)."""
     means, stds = [], []
     for start in range(0, len(images), batch):
-        posterior = vae.encode(to_model_range(images[start:start + batch])).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(to_model_range(images[start:start + batch].to(vae.device))).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -142,8 +165,8 @@ def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str,
     resolution = vae.config.sample_size
     images = torch.from_numpy(np.stack([np.asarray(render_image(spec, resolution)) for spec in specs]))
     images = images.permute(0, 3, 1, 2)  # (n, 3, h, w)
-    decoded = vae.decode(vae.encode(to_model_range(images)).latent_dist.mean).sample  # (n, 3, h, w)
-    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    decoded = vae.decode(vae.encode(to_model_range(images.to(vae.device))).latent_dist.mean).sample  # (n, 3, h, w)
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     error = (decoded.float() - images.float()).abs().mean().item()
     pictures = list(decoded.permute(0, 2, 3, 1).numpy())
     edges = np.mean([edge_f1(render_condition(spec, "canny", resolution), picture)
@@ -169,7 +192,7 @@ def averaged_copies(ema, modules: list[torch.nn.Module]) -> list[torch.nn.Module
 def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
     """Min-SNR-gamma weights, min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (Hang et al., 2023, Eq. 9)."""
     if not gamma:
-        return torch.ones(len(timesteps))
+        return torch.ones(len(timesteps), device=timesteps.device)
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)  # (b,) alpha_t^2 / sigma_t^2
@@ -184,7 +207,10 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor, stds: torch.Tensor,
                    captions: list[str], scaling_factor: float, config: BaseTrainingConfig,
                    evaluate: Callable[[int, list], None] | None = None, log: Log = print) -> list[torch.nn.Module]:
-    """Train UNet and text encoder together on the diffusion loss; return copies holding their moving averages."""
+    """Train UNet and text encoder together on the diffusion loss; return copies holding their moving averages.
+
+    Runs on the UNet's device; the batches are drawn on the CPU with one generator, whatever the device."""
+    device = unet.device
     generator = torch.Generator().manual_seed(config.seed + 1)
     token_ids = tokenize(tokenizer, captions)  # (n, max_tokens)
     empty_ids = tokenize(tokenizer, [""])  # (1, max_tokens)
@@ -206,6 +232,7 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor
         if config.offset_noise:
             noise = noise + config.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (config.unet_batch,), generator=generator)
+        latents, ids, noise, timesteps = (t.to(device) for t in (latents, ids, noise, timesteps))
         noisy = scheduler.add_noise(latents, noise, timesteps)  # (b, c, h, w)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample  # (b, c, h, w)
         target = noise if config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
@@ -280,7 +307,6 @@ def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, gu
 def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool,
                   tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:
     """Write the diffusers folder (safetensors); each tokenizer's vocab.json and merges.txt go beside tokenizer.json."""
-    from ..denoisers import pipeline_denoiser
 
     if output.exists():
         shutil.rmtree(output)
@@ -312,11 +338,13 @@ def train_base_model(output: str | Path, config: BaseTrainingConfig = BaseTraini
 
 
 def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Path:
+    device = resolve_device(config.device)
     work = output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     torch.manual_seed(config.seed)
-    images, captions = render_training_set(config.train_images, config.seed, config.model.resolution)
+    images, captions = render_training_set(config.train_images, config.seed, config.model.resolution,
+                                           workers=config.threads)
     log(f"rendered {len(images)} training images in {time.time() - started:.0f}s")
 
     tokenizer = build_tokenizer(work / "tokenizer", config.model)
@@ -326,10 +354,10 @@ def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Pat
 
         source = Path(vae_from)
         source = source / "vae" if (source / "vae").is_dir() else source
-        vae = AutoencoderKL.from_pretrained(str(source), dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(str(source), dtype=torch.float32).eval().to(device)
         log(f"reusing the autoencoder in {source}")
     else:
-        vae = build_vae(config.model)
+        vae = build_vae(config.model).to(device)
         train_vae(vae, images, config, log)
     log("vae on held-out images: " + "  ".join(f"{k} {v:.3f}" for k, v in check_reconstruction(vae).items()))
     means, stds = encode_latents(vae, images)  # (n, c, h, w) each
@@ -344,6 +372,9 @@ def _train_base_model(output: Path, config: BaseTrainingConfig, log: Log) -> Pat
     if config.init_from:
         load_trained_weights(Path(config.init_from), text_encoder, unet)
         log(f"starting the text encoder and UNet from {config.init_from}")
+    text_encoder.to(device)
+    unet.to(device)
+    log(f"training on {device}")
     scheduler = build_scheduler(config.prediction_type)
     history = []
 
