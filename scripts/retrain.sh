@@ -3,6 +3,9 @@
 #   bash scripts/retrain.sh            # base model (~2 hours on 2 CPU cores), then the canny, mask and skeleton controls
 #   bash scripts/retrain.sh controls   # only the controls, on the base model already in controlnext/assets/base
 #   THREADS=1 STEPS=300 KINDS="canny mask" bash scripts/retrain.sh controls   # threads, steps and kinds of the controls
+#   BASE_FLAGS="--init-from controlnext/assets/base --unet-steps 4000" bash scripts/retrain.sh   # flags of train_base.py
+# On a GPU every stage runs there by itself (train_base.py --device auto, controlnext train through accelerate,
+# quality.py --device auto); WORKERS sets the data-loading processes of the controls' training.
 # Each control keeps a checkpoint every 200 steps in runs/control-KIND/checkpoints (each with control/, loadable).
 # Same seeds and thread count give the same weights on the same machine.
 set -euo pipefail
@@ -10,11 +13,12 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}  # torch threads of each control's training
 STEPS=${STEPS:-}  # optimizer steps of every control (default: each kind's own, below)
+WORKERS=${WORKERS:-0}  # data-loading processes of each control's training
 ASSETS=controlnext/assets
 MODULE='{"stem_channels": [16, 16, 32], "block_out_channels": [32, 64], "block_groups": [4, 8], "time_proj_dim": 32, "time_embed_dim": 64}'
 
 if [ "${1:-all}" != controls ]; then
-  python scripts/train_base.py --output "$RUNS/base" --log "$RUNS/base.log"
+  python scripts/train_base.py --output "$RUNS/base" --log "$RUNS/base.log" ${BASE_FLAGS:-}
   rm -rf "$ASSETS/base" && cp -r "$RUNS/base" "$ASSETS/base"
 fi
 
@@ -27,7 +31,8 @@ for kind in ${KINDS:-canny mask skeleton}; do
     --learning-rate 1e-3 --module-learning-rate 1e-3 \
     --lr-scheduler cosine --batch-size 16 --max-steps "${STEPS:-$steps}" \
     --checkpoint-every 200 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
-    --validation-metric "$metric" --no-progress-bar --no-tensorboard --output-dir "$RUNS/control-$kind"
+    --validation-metric "$metric" --num-workers "$WORKERS" --no-progress-bar --no-tensorboard \
+    --output-dir "$RUNS/control-$kind"
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"
   cp "$RUNS/control-$kind"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
     "$ASSETS/controls/$kind/"
