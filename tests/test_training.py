@@ -346,6 +346,22 @@ def test_validation_runs_the_pipeline_as_the_former_loop_did(tiny_base):
     assert not base.unet._forward_pre_hooks  # detached after the call
 
 
+def test_latent_cache_filled_by_worker_processes_encodes_with_their_own_copy(tiny_base, data, tmp_path, monkeypatch):
+    """Forked data-loading processes cannot use the trainer's VAE once it is on a GPU: they encode with a CPU copy
+    made before they start, and give the losses of a run without workers."""
+    plain = Trainer(tiny_config(tiny_base, data, tmp_path / "plain", max_steps=3)).run()
+    cache = tmp_path / "cache"
+    trainer = Trainer(tiny_config(tiny_base, data, tmp_path / "workers", max_steps=3, latent_cache=str(cache),
+                                  num_workers=2))
+
+    def trainers_vae(*args, **kwargs):
+        raise AssertionError("a data-loading process encoded with the trainer's VAE")
+
+    monkeypatch.setattr(trainer.base.vae, "encode", trainers_vae)
+    assert losses(trainer.run()) == pytest.approx(losses(plain), rel=1e-4)
+    assert len(sorted(cache.rglob("*.safetensors"))) == 4
+
+
 def test_latent_cache_trains_as_encoding_each_step_and_is_read_back(tiny_base, data, tmp_path, monkeypatch):
     """A run with --latent-cache gives the losses of a run without (the same draws from the same posteriors); a
     second run reads every example back without encoding; a changed resolution keys a new folder."""

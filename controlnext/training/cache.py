@@ -10,6 +10,7 @@ annotator and the VAE's weights: a changed VAE or data set starts a new key, nev
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -47,10 +48,14 @@ def data_identity(config: TrainConfig) -> dict:
 
 class LatentCache(torch.utils.data.Dataset):
     """A ControlDataset whose items carry the image's latent distribution ("latent_mean", "latent_std", each
-    (c, h, w) float32) in place of its pixels, encoded by `vae` the first time and read from `folder` after."""
+    (c, h, w) float32) in place of its pixels, encoded by `vae` the first time and read from `folder` after.
 
-    def __init__(self, dataset, folder: str | Path, vae: torch.nn.Module, identity: dict):
+    With `workers` > 0 the examples are encoded in data-loading processes, which are forked and so cannot use a
+    GPU (where the trainer moves `vae` later): they encode with a CPU copy of it, made here, before they start."""
+
+    def __init__(self, dataset, folder: str | Path, vae: torch.nn.Module, identity: dict, workers: int = 0):
         self.dataset, self.vae = dataset, vae
+        self.worker_vae = copy.deepcopy(vae).to("cpu", torch.float32) if workers else vae
         identity = {**identity, "vae": vae_digest(vae)}
         self.folder = Path(folder) / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         try:
@@ -80,9 +85,10 @@ class LatentCache(torch.utils.data.Dataset):
     @torch.no_grad()
     def _encode(self, index: int, path: Path) -> tuple[dict, str]:
         item = self.dataset[index]
-        parameter = next(self.vae.parameters())
+        vae = self.vae if torch.utils.data.get_worker_info() is None else self.worker_vae
+        parameter = next(vae.parameters())
         pixels = item["pixel_values"][None].to(parameter.device, parameter.dtype)  # (1, 3, H, W)
-        posterior = self.vae.encode(pixels).latent_dist
+        posterior = vae.encode(pixels).latent_dist
         tensors = {"latent_mean": posterior.mean[0].float().cpu().contiguous(),
                    "latent_std": posterior.std[0].float().cpu().contiguous(),
                    "conditioning": (item["conditioning"] * 255).round().to(torch.uint8).contiguous(),

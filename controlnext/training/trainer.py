@@ -163,7 +163,8 @@ class Trainer:
         if config.latent_cache:
             if self.video:
                 raise ControlNextError("--latent-cache works for image bases; a video base encodes its clips each step")
-            self.dataset = LatentCache(self.dataset, config.latent_cache, self.base.vae, data_identity(config))
+            self.dataset = LatentCache(self.dataset, config.latent_cache, self.base.vae, data_identity(config),
+                                       workers=config.num_workers)
         self.control, init_weights = self._build_control()
         self._select_trainable(init_weights)
         acc.print(describe_counts(self.control, self.base.unet, self.selected))
