@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None, *, default_output: Path = BASE_MODEL_DIR
     model = sizes(**{name: getattr(args, name) for name in model_names})
     config = training(**{name: getattr(args, name) for name in training_names}, model=model)
 
+    if args.log:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+
     def log(line: str) -> None:
         print(line, flush=True)
         if args.log:
