@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# Retrain the embedded default model and its controls from scratch, then copy them into the package.
-#   bash scripts/retrain.sh            # base model (~2 hours on 2 CPU cores), then the canny, mask and skeleton controls
+# Retrain the embedded default model and its controls, then copy them into the package.
+#   bash scripts/retrain.sh            # the base model from scratch, its continuation, the three controls, quality.py
+#   bash scripts/retrain.sh continue   # the continuation of the base in controlnext/assets/base, then the controls
 #   bash scripts/retrain.sh controls   # only the controls, on the base model already in controlnext/assets/base
 #   THREADS=1 STEPS=300 KINDS="canny mask" bash scripts/retrain.sh controls   # threads, steps and kinds of the controls
-#   BASE_FLAGS="--init-from controlnext/assets/base --unet-steps 4000" bash scripts/retrain.sh   # flags of train_base.py
-# On a GPU every stage runs there by itself (train_base.py --device auto, controlnext train through accelerate,
-# quality.py --device auto); WORKERS sets the data-loading processes of the controls' training.
-# Each control keeps a checkpoint every 200 steps in runs/control-KIND/checkpoints (each with control/, loadable).
-# Same seeds and thread count give the same weights on the same machine.
+#   BASE_FLAGS="--unet-steps 4000" bash scripts/retrain.sh   # more flags of the first train_base.py run
+# The base trains in two runs: 8,000 steps of 32 from scratch (about 2 hours on 2 CPU cores), then 2,100 steps of
+# 128 on 30,000 scenes from those weights (4 minutes on one GPU; hours on a CPU). On a GPU every stage runs there
+# by itself (train_base.py --device auto, controlnext train through accelerate, quality.py --device auto);
+# BASE_THREADS sets the base runs' torch threads and rendering processes, WORKERS the controls' data-loading
+# processes. Each control keeps a checkpoint every 200 steps in runs/control-KIND/checkpoints (each with
+# control/, loadable). Same seeds and thread counts give the same weights on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}  # torch threads of each control's training
 STEPS=${STEPS:-}  # optimizer steps of every control (default: each kind's own, below)
 WORKERS=${WORKERS:-0}  # data-loading processes of each control's training
+BASE_THREADS=${BASE_THREADS:-2}  # torch threads and rendering processes of the base runs
 ASSETS=controlnext/assets
 MODULE='{"stem_channels": [16, 16, 32], "block_out_channels": [32, 64], "block_groups": [4, 8], "time_proj_dim": 32, "time_embed_dim": 64}'
 
-if [ "${1:-all}" != controls ]; then
-  python scripts/train_base.py --output "$RUNS/base" --log "$RUNS/base.log" ${BASE_FLAGS:-}
+STAGE=${1:-all}
+case $STAGE in all | continue | controls) ;; *) echo "unknown stage '$STAGE': use all, continue or controls" >&2; exit 2 ;; esac
+if [ "$STAGE" = all ]; then
+  python scripts/train_base.py --output "$RUNS/base" --log "$RUNS/base.log" --threads "$BASE_THREADS" ${BASE_FLAGS:-}
   rm -rf "$ASSETS/base" && cp -r "$RUNS/base" "$ASSETS/base"
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = continue ]; then  # the same model, longer, on larger batches of more scenes
+  python scripts/train_base.py --output "$RUNS/base-continued" --log "$RUNS/base-continued.log" \
+    --init-from "$ASSETS/base" --train-images 30000 --unet-steps 2100 --unet-batch 128 --unet-lr 3e-4 \
+    --eval-every 525 --threads "$BASE_THREADS"
+  rm -rf "$ASSETS/base" && cp -r "$RUNS/base-continued" "$ASSETS/base"
 fi
 
 for kind in ${KINDS:-canny mask skeleton}; do

@@ -1,6 +1,7 @@
 """The embedded base model: its tokenizer, its builders, its training script and the shipped weights."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -233,6 +234,21 @@ def base_pipeline():
     pipeline = load_base_pipeline()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@shipped
+def test_shipped_model_was_trained_by_the_continuation_retrain_sh_runs():
+    """scripts/retrain.sh's continuation stage repeats the recipe recorded beside the shipped weights."""
+    script = (BASE_MODEL_DIR.parents[2] / "scripts" / "retrain.sh").read_text()
+    command = script[script.index('--output "$RUNS/base-continued"'):]
+    command = command[:command.index("\n  rm -rf")].replace('"$ASSETS', '"controlnext/assets')
+    flags = dict(re.findall(r"--([a-z-]+) \"?([^\s\"]+)", command))
+    recorded = json.loads((BASE_MODEL_DIR / "training_config.json").read_text())["config"]
+    checked = {name: value for name, value in flags.items() if name not in ("output", "log", "threads")}
+    assert set(checked) >= {"init-from", "unet-steps", "unet-batch", "unet-lr", "train-images"}
+    for name, value in checked.items():
+        expected = recorded[name.replace("-", "_")]
+        assert (value if isinstance(expected, str) else type(expected)(float(value))) == expected, name
 
 
 @shipped
