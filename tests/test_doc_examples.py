@@ -52,6 +52,9 @@ SKIPPED = {
                     "\\"): "needs SD 1.5 weights and serves until interrupted",
     ("scripts/README.md", "python scripts/train_base.py --log base.log          # writes controlnext/assets/base/ "
                           "(replaces it)"): "retrains the embedded model (an hour and more)",
+    ("scripts/README.md", "python scripts/train_base.py --output runs/base-continued --init-from controlnext/assets/base "
+                          "--train-images 30000 \\"): "continues the embedded model's training (minutes on a GPU, hours "
+                                                        "on a CPU)",
     ("scripts/README.md", "python scripts/train_base.py --output /tmp/tiny_base --train-images 200 --vae-steps 20 "
                           "--unet-steps 30 --eval-every 0"): "trains for half a minute; tests/test_base_model.py runs "
                                                              "the training on fewer steps",
