@@ -27,6 +27,7 @@ from controlnext.control.loading import load_control  # noqa: E402
 from controlnext.data.shapes import SPLITS, ShapesWorld  # noqa: E402
 from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 from controlnext.devices import resolve_device  # noqa: E402
+from controlnext.errors import ControlNextError  # noqa: E402
 from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_control, grouped_shape_scores,  # noqa: E402
                                    uncontrolled_images)
 from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     controls = dict(item.split("=", 1) for item in args.controls) if args.controls is not None else {
         kind: str(shipped / kind) for kind in CONTROL_METRICS if (shipped / kind).is_dir()}
     started = time.time()
-    pipe = ControlledPipeline.from_pretrained(args.base, device=resolve_device(args.device))
+    try:
+        device = resolve_device(args.device)
+    except ControlNextError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    pipe = ControlledPipeline.from_pretrained(args.base, device=device)
     pipe.set_progress_bar_config(disable=True)
     report = {"device": str(pipe.pipe.device), "count": args.count, "split": args.split, "steps": args.steps,
               "guidance": args.guidance, "scale": args.scale, "seed": args.seed, "base": {}, "controls": {}}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from controlnext.errors import ControlNextError  # noqa: E402
 from controlnext.models.tiny_sd import BASE_MODEL_DIR, TinySDConfig  # noqa: E402
 from controlnext.training.base_model import BaseTrainingConfig, train_base_model  # noqa: E402
 
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None, *, default_output: Path = BASE_MODEL_DIR
                 file.write(line + "\n")
 
     log(f"config: {config}")
-    train(args.output, config, log)
+    try:
+        train(args.output, config, log)
+    except ControlNextError as error:  # a flag or folder that cannot work: one line, as the CLI says it
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -208,6 +208,28 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
     assert lines == [] and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script, arguments", [("train_base.py", ["--train-images", "8"]), ("quality.py", ["--count", "1"])])
+def test_scripts_refuse_a_device_this_machine_lacks_in_one_line(script, arguments, tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    device = "cuda:7" if torch.cuda.is_available() else "cuda"
+    output = ["--output", str(tmp_path / "model")] if script == "train_base.py" else []
+    monkeypatch.setattr(sys, "argv", [str(path), *arguments, *output, "--device", device])
+    threads = torch.get_num_threads()  # quality.py sets its own
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(f"{script}: error: device '{device}' is not available")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_training_evaluation_draws_the_images_the_quality_script_judges(tiny_base):
     """scripts/eval_base.py (evaluate_base) and scripts/quality.py (uncontrolled_images) give the same figures."""
     from controlnext.evaluation import uncontrolled_images
