@@ -307,7 +307,6 @@ def evaluate_base(pipeline, count: int = 100, seed: int = 0, steps: int = 20, gu
 def save_pipeline(pipeline, output: Path, tokenizer_files: Path, half_precision: bool,
                   tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:
     """Write the diffusers folder (safetensors); each tokenizer's vocab.json and merges.txt go beside tokenizer.json."""
-
     if output.exists():
         shutil.rmtree(output)
     if half_precision:  # the text encoders stay float32: transformers would load them as stored
