@@ -16,7 +16,7 @@ from controlnext.models.tiny_sd import (BASE_MODEL_DIR, TinySDConfig, build_sche
                                         build_tokenizer, build_unet, build_vae, learn_merges, load_base_pipeline,
                                         shapes_words)
 from controlnext.training.base_model import (BaseTrainingConfig, evaluate_base, latent_scaling_factor,
-                                             render_training_set, snr_weights, train_base_model)
+                                             render_scenes, render_training_set, snr_weights, train_base_model)
 
 TINY = TinySDConfig(resolution=32, text_hidden_size=16, text_layers=1, text_heads=2, vae_channels=(8, 16),
                     unet_channels=(8, 16), unet_attention=(), attention_heads=2, norm_groups=4)
@@ -198,6 +198,15 @@ def test_training_set_is_the_same_drawn_by_several_processes():
         parallel, parallel_captions = render_training_set(7, seed=2, resolution=32, workers=workers)
         assert torch.equal(parallel, images) and parallel_captions == captions
     assert images.shape == (7, 3, 32, 32) and len(set(captions)) > 1
+
+
+def test_scenes_are_drawn_from_the_split_asked_for():
+    world = ShapesWorld(seed=2)
+    for split in ("train", "test"):
+        images, captions = render_scenes(2, 32, 3, 6, split)
+        assert captions == [world.spec(index, split).caption() for index in range(3, 6)]
+        assert np.array_equal(images[0], np.asarray(make_sample(3, seed=2, split=split, resolution=32).image))
+    assert render_scenes(2, 32, 3, 6, "test")[1] != render_scenes(2, 32, 3, 6)[1]
 
 
 def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):

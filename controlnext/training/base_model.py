@@ -71,10 +71,11 @@ class BaseTrainingConfig:
 Log = Callable[[str], None]
 
 
-def render_scenes(seed: int, resolution: int, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
-    """Images (n, R, R, 3) uint8 and captions of train samples start..stop-1."""
+def render_scenes(seed: int, resolution: int, start: int, stop: int,
+                  split: str = "train") -> tuple[np.ndarray, list[str]]:
+    """Images (n, R, R, 3) uint8 and captions of the split's samples start..stop-1."""
     world = ShapesWorld(seed=seed, resolution=resolution)
-    specs = [world.spec(index) for index in range(start, stop)]
+    specs = [world.spec(index, split) for index in range(start, stop)]
     return np.stack([np.asarray(render_image(spec, resolution)) for spec in specs]), [s.caption() for s in specs]
 
 
@@ -160,11 +161,9 @@ def latent_scaling_factor(means: torch.Tensor, stds: torch.Tensor) -> float:
 def check_reconstruction(vae, count: int = 64, world_seed: int = 0) -> dict[str, float]:
     """Mean absolute error (0-255 scale), edge F1 at 1 pixel against the scenes' canny maps and shape scores of
     the autoencoder's reconstructions of test images."""
-    world = ShapesWorld(seed=world_seed)
-    specs = [world.spec(index, "test") for index in range(count)]
     resolution = vae.config.sample_size
-    images = torch.from_numpy(np.stack([np.asarray(render_image(spec, resolution)) for spec in specs]))
-    images = images.permute(0, 3, 1, 2)  # (n, 3, h, w)
+    specs = [ShapesWorld(seed=world_seed).spec(index, "test") for index in range(count)]
+    images = torch.from_numpy(render_scenes(world_seed, resolution, 0, count, "test")[0]).permute(0, 3, 1, 2)
     decoded = vae.decode(vae.encode(to_model_range(images.to(vae.device))).latent_dist.mean).sample  # (n, 3, h, w)
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     error = (decoded.float() - images.float()).abs().mean().item()
