@@ -173,6 +173,26 @@ def test_annotator_makes_conditions_from_the_cropped_image(tmp_path, monkeypatch
     assert calls == [("invert", (64, 64))]
 
 
+def test_annotators_with_a_device_run_on_the_cpu_in_data_loading_processes(tmp_path, monkeypatch):
+    """Forked loading processes cannot use a GPU the trainer has started: there a learned annotator is told to use
+    the CPU; in the trainer's own process it keeps its default, and an annotator without a device is left alone."""
+    from controlnext.annotators import registry
+
+    def device_probe(image, *, device: str = "auto"):  # white where told to use the CPU
+        return Image.new("RGB", image.size, "white" if device == "cpu" else "black")
+
+    monkeypatch.setitem(registry._REGISTRY, "device_probe", registry.AnnotatorSpec("device_probe", device_probe))
+    monkeypatch.setitem(registry._REGISTRY, "plain_probe", registry.AnnotatorSpec("plain_probe", lambda image: image))
+    folder = write_data_folder(tmp_path / "data", count=2, columns=("image", "unused", "text"))
+    for name, workers, white in [("device_probe", 0, False), ("device_probe", 1, True), ("plain_probe", 1, None)]:
+        dataset = ControlDataset(open_source(TrainConfig(data=str(folder), annotator=name)), 32, name)
+        for item in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers):
+            if white is not None:
+                assert bool((item["conditioning"] == 1).all()) is white
+            else:
+                assert torch.equal(item["conditioning"] * 2 - 1, item["pixel_values"])
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_stream_batches_split_across_processes_and_resume_at_a_position(world_size):
     n, batch, steps = 7, 2, 9

@@ -213,7 +213,7 @@ class ControlDataset(torch.utils.data.Dataset):
         _, crop_top_left = cover_and_crop_box(image.width, image.height, size, size)
         image = resize_and_crop(image, size, size) if image.size != (size, size) else image
         if self.annotator:  # made from the cropped image: annotated at the size it trains at
-            condition = to_rgb(annotation_function()(self.annotator, image))
+            condition = to_rgb(annotation_function()(self.annotator, image, **worker_options(self.annotator)))
         elif condition is None:
             raise ControlNextError(f"example {index} has no condition image; give one or pass --annotator")
         condition = to_rgb(condition)
@@ -233,6 +233,16 @@ def annotation_function():
     except ImportError:
         raise ControlNextError("--annotator needs controlnext.annotators, which this installation lacks") from None
     return annotate
+
+
+def worker_options(annotator: str) -> dict:
+    """Options for an annotator run in a forked data-loading process, which cannot use a GPU that the trainer
+    has started: an annotator with a `device` option (a learned model) runs there on the CPU."""
+    if torch.utils.data.get_worker_info() is None:
+        return {}
+    from ..annotators import get_annotator
+
+    return {"device": "cpu"} if "device" in get_annotator(annotator).options else {}
 
 
 def collate(items: list[dict]) -> dict:
