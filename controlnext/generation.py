@@ -23,7 +23,7 @@ from .errors import ControlNextError
 from .images import load_image, to_rgb
 from .pipelines import ControlledPipeline
 from .pipelines.base import resolve_dtype
-from .request import GenerationRequest, describe_image, resolve_control
+from .request import DEFAULT_GUIDANCE, GenerationRequest, describe_image, resolve_control
 
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 Loader = Callable[[GenerationRequest], ControlledPipeline]
@@ -137,9 +137,10 @@ def generate(
     scheduler = pipe.use_scheduler(request.scheduler)
 
     scales = [c.scale if c.scale is not None else loaded.scale for c, loaded in zip(request.controls, pipe.controls)]
+    guidance = request.guidance if request.guidance is not None else recommended_guidance(pipe.controls)
     kwargs = dict(
         negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
-        guidance_scale=request.guidance, num_images_per_prompt=request.num_images,
+        guidance_scale=guidance, num_images_per_prompt=request.num_images,
         generator=[torch.Generator("cpu").manual_seed(request.seed + k) for k in range(request.num_images)],
     )
     if request.width:
@@ -165,12 +166,18 @@ def generate(
     ).images
 
     controls = [dataclasses.replace(c, scale=scale) for c, scale in zip(request.controls, scales)]
-    used = dataclasses.replace(request, scheduler=scheduler, controls=controls)
+    used = dataclasses.replace(request, scheduler=scheduler, controls=controls, guidance=guidance)
     parameters = [
         dataclasses.replace(used, seed=request.seed + k, width=image.width, height=image.height).parameters()
         for k, image in enumerate(images)
     ]
     return GenerationResult(images, parameters, notes)
+
+
+def recommended_guidance(controls) -> float:
+    """The guidance a generation uses when its request names none: the first control's recommendation (a
+    control.json's "guidance", for the guidance it was made for), else DEFAULT_GUIDANCE."""
+    return next((c.guidance for c in controls if c.guidance is not None), DEFAULT_GUIDANCE)
 
 
 def _open(image) -> Image.Image:

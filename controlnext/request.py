@@ -44,6 +44,7 @@ APPLY_TO = ("both", "cond")
 # A1111's control modes: "balanced", "my prompt is more important", "ControlNet is more important"
 CONTROL_MODES = ("balanced", "prompt", "control")
 OFFLOADS = ("model", "sequential")  # diffusers' CPU offload: whole models, or layer by layer
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance when neither the request nor a control names one
 SIZE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse other sizes, whatever the VAE's factor
 UPLOADED = "sha256:"  # prefix of an image known only by its fingerprint (uploaded to the web app)
 
@@ -139,8 +140,9 @@ class GenerationRequest:
     mask: Any = setting("inpainting mask (white = repaint)", default=None, metavar="IMAGE")
     strength: float = setting("how much img2img/inpaint changes the init image", default=0.75, gt=0, le=1)
     steps: int = setting("denoising steps", default=20, ge=1, web=dict(le=150))
-    guidance: float = setting("classifier-free guidance scale (<= 1 disables it)", default=7.5, ge=0,
-                              web=dict(le=30))
+    guidance: float | None = setting("classifier-free guidance scale, <= 1 disables it (default: the first control's "
+                                     f"recommended guidance, else {DEFAULT_GUIDANCE:g})", default=None, ge=0,
+                                     web=dict(le=30))
     scheduler: str = setting("sampler (auto: unipc, or an SD3 base's own flow-matching Euler; an SD3 base takes "
                              "euler or heun, on the flow)", default="auto", choices=SCHEDULER_NAMES)
     seed: int | None = setting("random seed; image k of a batch uses seed + k (None: one at random)", default=0,

@@ -34,6 +34,9 @@ from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS  # noqa: E402
 
+BASE_GUIDANCE = 5.0  # the base model's figures, and a control's that recommends none
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", default=None, help="base model folder (default: the embedded default model; "
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: the shipped controls)")
     parser.add_argument("--count", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"classifier-free guidance of every image (default: {BASE_GUIDANCE:g} for the base model "
+                        f"alone; for a control, its recommended guidance as `generate` uses it, else {BASE_GUIDANCE:g}, "
+                        "for its images with and without it)")
     parser.add_argument("--scale", type=float, default=None,
                         help="strength of every control (default: each control's recommended scale)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
@@ -72,21 +78,32 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     report = {"device": str(pipe.pipe.device), "count": args.count, "split": args.split, "steps": args.steps,
               "guidance": args.guidance, "scale": args.scale, "seed": args.seed, "base": {}, "controls": {}}
-    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, guidance=args.guidance, split=args.split)
-    # the base model's images: judged on their own, and the floor of every control (same prompts and seeds)
-    floor = uncontrolled_images(pipe, **sampling) if controls or not args.no_base else None
-    if not args.no_base:
-        report["base"] = grouped_shape_scores(floor, [ShapesWorld().spec(i, args.split) for i in range(args.count)])
+    sampling = dict(count=args.count, seed=args.seed, steps=args.steps, split=args.split)
+    floors = {}  # guidance -> the base model's images (same prompts and seeds): the floor of the controls
+
+    def floor(guidance: float) -> list:
+        if guidance not in floors:
+            floors[guidance] = uncontrolled_images(pipe, guidance=guidance, **sampling)
+        return floors[guidance]
+
+    base_guidance = BASE_GUIDANCE if args.guidance is None else args.guidance
+    if not args.no_base:  # the base model's images judged on their own
+        report["base"] = grouped_shape_scores(floor(base_guidance),
+                                              [ShapesWorld().spec(i, args.split) for i in range(args.count)])
+        report["base_guidance"] = base_guidance
     for group, scores in report["base"].items():  # the in-place scores need positions, which captions do not give
         shown = {key: value for key, value in scores.items() if key not in ("scenes", *IN_PLACE_SCORES)}
-        print(f"base model, {group} ({scores['scenes']} {args.split} captions): "
+        print(f"base model, guidance {base_guidance:g}, {group} ({scores['scenes']} {args.split} captions): "
               + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
     for kind, folder in controls.items():
-        controlled = ControlledPipeline(pipe.pipe, [load_control(folder, pipeline_denoiser(pipe.pipe))])
-        scores = evaluate_control(controlled, kind, uncontrolled=floor, scale=args.scale, **sampling)
-        report["controls"][kind] = {"folder": folder, **scores}
+        control = load_control(folder, pipeline_denoiser(pipe.pipe))
+        guidance = args.guidance if args.guidance is not None else control.guidance or BASE_GUIDANCE
+        scores = evaluate_control(ControlledPipeline(pipe.pipe, [control]), kind, uncontrolled=floor(guidance),
+                                  scale=args.scale, guidance=guidance, **sampling)
+        report["controls"][kind] = {"folder": folder, "guidance": guidance, **scores}
         against = "" if scores["scored_against"] == kind else f" (against the scene's {scores['scored_against']})"
-        print(f"{kind} control: {scores['metric']}{against} {scores['controlled']:.3f} with control, "
+        print(f"{kind} control, guidance {guidance:g}: {scores['metric']}{against} {scores['controlled']:.3f} "
+              "with control, "
               f"{scores['uncontrolled']:.3f} without, {scores['real_scenes']:.3f} for the real scenes"
               + (f"; at 2 px {scores['controlled_2px']:.3f} / {scores['uncontrolled_2px']:.3f}" if "controlled_2px"
                  in scores else "") + "; with / without control: "

@@ -37,12 +37,14 @@ fi
 for kind in ${KINDS:-canny mask skeleton}; do
   case $kind in canny) metric=edge_f1 ;; mask) metric=mask_iou ;; *) metric=none ;; esac  # quality.py scores skeletons
   case $kind in canny) steps=1600 ;; mask) steps=600 ;; *) steps=800 ;; esac  # the shipped controls' steps
+  # validation guidance, recorded in control.json as the guidance `generate` uses with the control (scripts/README.md)
+  case $kind in canny) guidance=1.5 ;; *) guidance=3 ;; esac
   rm -rf "$RUNS/control-$kind"
   OMP_NUM_THREADS=$THREADS controlnext train --data "shapes-$kind" --resolution 128 --module-config "$MODULE" \
     --generated-examples 6400 --latent-cache "$RUNS/latent-cache" --trainable 'attn[12]\.' \
     --learning-rate 1e-3 --module-learning-rate 1e-3 \
     --lr-scheduler cosine --batch-size 16 --max-steps "${STEPS:-$steps}" \
-    --checkpoint-every 200 --validation-every 200 --validation-examples 8 --guidance-scale 5 \
+    --checkpoint-every 200 --validation-every 200 --validation-examples 8 --guidance-scale "$guidance" \
     --validation-metric "$metric" --num-workers "$WORKERS" --no-progress-bar --no-tensorboard \
     --output-dir "$RUNS/control-$kind"
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"

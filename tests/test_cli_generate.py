@@ -1,5 +1,7 @@
 """`controlnext generate` end to end on a tiny model: determinism, the metadata chunk, and one-line errors."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ from PIL import Image
 
 from controlnext.cli import main
 from controlnext.cli.generate import read_parameters
+from controlnext.request import DEFAULT_GUIDANCE
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +155,23 @@ def test_png_records_the_values_used_not_the_defaults_left_open(tmp_path, tiny_b
     assert (params["dtype"], params["device"], params["scheduler"], params["seed"]) == ("fp32", "cpu", "unipc", 0)
     assert (params["width"], params["height"]) == (64, 64)
     assert None not in (params["controls"][0][key] for key in ("scale", "start", "end", "annotator"))
+
+
+def test_guidance_left_open_is_the_one_the_control_recommends(tmp_path, tiny_base, tiny_control, condition):
+    """A control.json's "guidance" is what generation uses when none is given: the image of naming it."""
+    recommending = tmp_path / "recommending"
+    shutil.copytree(tiny_control, recommending)
+    recorded = json.loads((recommending / "control.json").read_text())
+    (recommending / "control.json").write_text(json.dumps({**recorded, "guidance": 2.5}))
+    left_open = generate(tmp_path, tiny_base, recommending, condition, "open.png")
+    named = generate(tmp_path, tiny_base, tiny_control, condition, "named.png", "--guidance", "2.5")
+    overridden = generate(tmp_path, tiny_base, recommending, condition, "overridden.png", "--guidance", "6")
+    assert [read_parameters(path)["guidance"] for path in (left_open, named, overridden)] == [2.5, 2.5, 6]
+    pixels = [np.asarray(Image.open(path)) for path in (left_open, named, overridden)]
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+    assert not np.array_equal(pixels[0], pixels[2])
+    plain = generate(tmp_path, tiny_base, tiny_control, condition, "plain.png")  # its control.json names none
+    assert read_parameters(plain)["guidance"] == DEFAULT_GUIDANCE == 7.5
 
 
 def test_from_png_regenerates_the_image_identically(tmp_path, tiny_base, tiny_control, condition):

@@ -10,6 +10,7 @@ from controlnext.control.loading import (
     load_controlnext,
     load_control,
     read_tensors,
+    recommendations,
     save_controlnext,
 )
 from controlnext.errors import ControlNextError
@@ -69,12 +70,29 @@ def test_official_folder_with_unet_file_loads_against_its_base(tmp_path, increme
 def test_our_format_round_trip_keeps_config_and_outputs(tmp_path):
     unet = tiny_unet()
     model = tiny_controlnext(injection="down_blocks.0", pool_before_norm=True)
-    save_controlnext(tmp_path, model, trained_unet_tensors(unet), metadata={"scale": 0.5, "condition": "canny"})
+    recorded = {"scale": 0.5, "guidance": 2, "condition": "canny"}
+    save_controlnext(tmp_path, model, trained_unet_tensors(unet), metadata=recorded)
     loaded = load_control(tmp_path, unet)
     assert loaded.model.config.injection == "down_blocks.0" and loaded.model.config.pool_before_norm
-    assert loaded.scale == 0.5 and loaded.metadata["condition"] == "canny"
+    assert loaded.scale == 0.5 and loaded.guidance == 2.0 and loaded.metadata["condition"] == "canny"
+    assert recommendations(tmp_path) == {"scale": 0.5, "guidance": 2.0}
     torch.testing.assert_close(module_output(loaded.model), module_output(model))
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_control_that_recommends_nothing_leaves_guidance_open(tmp_path):
+    save_controlnext(tmp_path, tiny_controlnext())
+    assert load_control(tmp_path, tiny_unet()).guidance is None and recommendations(tmp_path) == {}
+
+
+@pytest.mark.parametrize("recorded", ['{"guidance": "high"}', '{"guidance": -1}', '{"scale": true}',
+                                      '{"guidance": NaN}', '{"scale": [1]}', '[1, 2]'])
+def test_a_bad_recommendation_in_control_json_is_one_line(tmp_path, recorded):
+    save_controlnext(tmp_path, tiny_controlnext())
+    (tmp_path / "control.json").write_text(recorded)
+    with pytest.raises(ControlNextError, match="control.json") as error:
+        load_control(tmp_path, tiny_unet(), method="controlnext")
+    assert "\n" not in str(error.value)
 
 
 def test_ldm_key_names_convert_to_diffusers_names():

@@ -47,16 +47,31 @@ def test_shipped_control_follows_its_condition(base_pipe, kind):
 
 @pytest.mark.parametrize("kind", FLOORS)
 def test_shipped_control_draws_flat_shapes_at_the_default_guidance(base_pipe, kind):
-    """Over-trained controls speckle the inside of shapes as guidance grows; at `generate`'s default guidance a
-    shipped control keeps them about as flat as the model draws them without control."""
-    from controlnext.request import GenerationRequest, settings
+    """Over-trained controls speckle the inside of shapes as guidance grows; at the guidance `generate` uses when
+    neither the user nor a control names one (higher than the shipped controls recommend) a shipped control keeps
+    them about as flat as the model draws them without control."""
+    from controlnext.request import DEFAULT_GUIDANCE as guidance
 
-    guidance = settings(GenerationRequest)["guidance"].default
     if not shipped(kind):
         pytest.skip(f"the {kind} control is not shipped in this checkout")
     pipe = ControlledPipeline(base_pipe.pipe, [load_control(BUNDLED_CONTROLS / kind, base_pipe.pipe.unet)])
     scores = evaluate_control(pipe, kind, count=8, steps=10, batch=8, guidance=guidance)
     assert scores["controlled_interior_noise"] < 1.8 * scores["uncontrolled_interior_noise"], scores
+
+
+def test_shipped_canny_follows_edges_closer_at_the_guidance_it_recommends(base_pipe):
+    """The canny control records the guidance that follows edges best (scripts/README.md's sweep), which
+    `generate` uses when given none: well above the edge F1 of the default guidance."""
+    from controlnext.request import DEFAULT_GUIDANCE
+
+    if not shipped("canny"):
+        pytest.skip("the canny control is not shipped in this checkout")
+    control = load_control(BUNDLED_CONTROLS / "canny", base_pipe.pipe.unet)
+    assert control.guidance is not None and 1 < control.guidance < DEFAULT_GUIDANCE
+    pipe = ControlledPipeline(base_pipe.pipe, [control])
+    recommended, default = (evaluate_control(pipe, "canny", count=8, steps=10, batch=8, guidance=guidance)["controlled"]
+                            for guidance in (control.guidance, DEFAULT_GUIDANCE))
+    assert recommended >= default + 0.1, (recommended, default)
 
 
 @pytest.mark.parametrize("kind", FLOORS)

@@ -114,7 +114,8 @@ def test_checkpoints_hold_the_state_and_the_export(trained):
     live = dict(trained.trainer.model.named_parameters())
     assert set(saved) == {n for n, p in live.items() if p.requires_grad}
     assert all(torch.equal(saved[n], live[n].detach()) and saved[n].dtype == torch.float32 for n in saved)
-    assert load_control(folder / "control").metadata["steps"] == 16
+    exported = load_control(folder / "control")
+    assert exported.metadata["steps"] == 16 and exported.guidance == trained.trainer.config.guidance_scale
 
 
 def test_mixed_precision_keeps_trainable_weights_and_optimizer_state_fp32(tiny_base, data, tmp_path):
@@ -283,9 +284,10 @@ def test_controlnet_trains_through_the_same_loop_and_loads_back(tiny_base, data,
     from controlnext.training import train
 
     out = train(tiny_config(tiny_base, data, tmp_path / "controlnet", method="controlnet", module_config=None,
-                            max_steps=3))
+                            max_steps=3, guidance_scale=2.0))
     loaded = load_control(out, load_training_base(tiny_base).unet)
     assert loaded.method == "controlnet" and loaded.unet_weights is None
+    assert loaded.guidance == 2.0  # the validation guidance, recorded for generation
     zero_convs = [p for n, p in loaded.model.named_parameters() if n.startswith("controlnet_down_blocks")]
     assert any(p.abs().max() > 0 for p in zero_convs)  # trained away from their zero initialisation
 

@@ -243,7 +243,27 @@ def test_the_api_takes_defaults_limits_and_help_from_the_generation_request(serv
         assert fields[name]["description"] == specs[name].help, name
         if not specs[name].required:
             assert fields[name].get("default") == specs[name].default, name
-    assert fields["guidance"]["minimum"] == specs["guidance"].limits["ge"] == 0
+    guidance = next(option for option in fields["guidance"]["anyOf"] if option.get("type") == "number")
+    assert guidance["minimum"] == specs["guidance"].limits["ge"] == 0 and guidance["maximum"] == 30
+
+
+def test_choosing_a_control_sets_the_guidance_and_scale_it_recommends(tiny_control, tmp_path):
+    """The UI's sliders follow what the chosen controls' control.json recommend, as `generate` would choose."""
+    from controlnext.request import DEFAULT_GUIDANCE
+    from controlnext.web.catalog import ModelCatalog
+    from controlnext.web.ui import NONE, recommended_guidance, recommended_scale
+
+    recommending, broken = tmp_path / "recommending", tmp_path / "broken"
+    for folder, extra in ((recommending, '"scale": 0.6, "guidance": 2.5'), (broken, '"guidance": "high"')):
+        shutil.copytree(tiny_control, folder)
+        recorded = (folder / "control.json").read_text().rstrip().removesuffix("}")
+        (folder / "control.json").write_text(recorded + ", " + extra + "}")
+    catalog = ModelCatalog.discover(controls=[tiny_control, recommending, broken], include_embedded=False)
+    plain, chosen, bad = [entry.name for entry in catalog.controls]
+    assert recommended_guidance(catalog, [plain, chosen]) == 2.5  # the first control that names one
+    assert recommended_guidance(catalog, [NONE, None]) == DEFAULT_GUIDANCE
+    assert recommended_guidance(catalog, [plain, bad]) == DEFAULT_GUIDANCE  # an unreadable one: generating says why
+    assert [recommended_scale(catalog, name) for name in (chosen, plain, NONE)] == [0.6, 1.0, 1.0]
 
 
 def test_the_web_and_the_cli_store_the_same_parameters(server, names, tiny_base, tiny_control, tmp_path):

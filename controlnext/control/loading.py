@@ -1,11 +1,11 @@
 """Saving and loading controls: our format, the official ControlNeXt release layouts, and ControlNets.
 
 Our format is a folder: the module's `config.json` + `diffusion_pytorch_model.safetensors` (diffusers
-save_pretrained), `control.json` (method, variant, how the base tensors are stored, recommended scale)
-and, when base weights were trained, `unet.safetensors` with only those tensors. The official layout is a
-module file (`controlnet.safetensors` or `.bin`) beside a UNet file of trained tensors, absolute or as
-increments whatever its name says, possibly in LDM key names; which of the two is read from the tensors
-against the base they attach to. A ControlNet is a diffusers ControlNet folder (ours adds
+save_pretrained), `control.json` (method, variant, how the base tensors are stored, the recommended scale
+and classifier-free guidance) and, when base weights were trained, `unet.safetensors` with only those
+tensors. The official layout is a module file (`controlnet.safetensors` or `.bin`) beside a UNet file of
+trained tensors, absolute or as increments whatever its name says, possibly in LDM key names; which of the
+two is read from the tensors against the base they attach to. A ControlNet is a diffusers ControlNet folder (ours adds
 `control.json`) or an original single-file checkpoint.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ..models import VARIANTS, ControlNet, ControlNeXtModel, SD3ControlNet
 from ..request import UNET_WEIGHTS  # how a UNet file's tensors are read; auto: from the tensors
 from .attach import check_fits
 
+RECOMMENDED = ("scale", "guidance")  # settings a control.json may recommend, each a number >= 0
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 MODULE_FILES = ("controlnet.safetensors", "controlnext.safetensors", "controlnet.bin", "controlnext.bin")
 UNET_FILES = (
@@ -54,6 +56,12 @@ class LoadedControl:
     scale: float = 1.0
     source: str = ""
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def guidance(self) -> float | None:
+        """The classifier-free guidance the control is meant for (its control.json's "guidance"), if it names one."""
+        value = self.metadata.get("guidance")
+        return None if value is None else float(value)
 
 
 # -- tensors files ---------------------------------------------------------------------------------
@@ -303,15 +311,30 @@ def load_controlnext(
     return LoadedControl(model.eval(), "controlnext", trained, float(metadata.get("scale", 1.0)), str(path), metadata)
 
 
+def recommendations(path: str | Path) -> dict[str, float]:
+    """What a control folder's control.json recommends ("scale", "guidance"), checked; {} where it says nothing."""
+    path = Path(path)
+    recorded = _read_control_json(path) if path.is_dir() else {}
+    return {key: float(recorded[key]) for key in RECOMMENDED if recorded.get(key) is not None}
+
+
 def _read_control_json(folder: Path) -> dict:
     """The control.json of a control folder, else {}."""
     file = folder / "control.json"
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text())
+        recorded = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ControlNextError(f"{file} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(recorded, dict):
+        raise ControlNextError(f"{file} must hold a JSON object, not {type(recorded).__name__}")
+    for key in RECOMMENDED:
+        value = recorded.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ControlNextError(f'{file}: "{key}" must be a number >= 0, not {value!r}; correct or remove it')
+    return recorded
 
 
 def save_controlnext(
@@ -387,7 +410,7 @@ def load_controlnet(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ControlNextError(f"no ControlNet in {path}: expected config.json beside the weights")
-        metadata = json.loads((path / "control.json").read_text()) if (path / "control.json").is_file() else {}
+        metadata = _read_control_json(path)
         try:
             cls = CONTROLNET_CLASSES.get(json.loads((path / "config.json").read_text()).get("_class_name"), ControlNet)
             model = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)

@@ -137,7 +137,8 @@ class TrainConfig:
     validation_sampling_steps: int = option(20, "sampling steps for validation images (DDIM; Euler for SD3)")
     validation_seed: int | None = option(None, "seed of the validation images' initial noise (default: --seed), so "
                                          "that runs of different seeds can be validated alike")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale for validation images")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale for validation images; control.json records "
+                                   "it as the control's guidance, which generation uses when given none")
     validation_metric: str = option("auto", "control-fidelity metric logged at validation (auto: edge_f1 when "
                                     "controlnext.metrics is installed)",
                                     choices=("auto", "edge_f1", "mask_iou", "none"))

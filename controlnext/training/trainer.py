@@ -384,7 +384,8 @@ class Trainer:
         metadata = {
             "base": str(self.config.base), "base_fingerprint": self.base.fingerprint(), "trainable": self.patterns,
             "steps": self.step, "resolution": self.config.resolution, "annotator": self.config.annotator,
-            "scale": self.config.control_scale, "prediction_type": self.base.prediction_type,
+            "scale": self.config.control_scale, "guidance": self.config.guidance_scale,
+            "prediction_type": self.base.prediction_type,
         }
         self.method.save(folder, module, unet_weights, original_weights=self.original,
                          increments=self.config.save_increments, metadata=metadata)

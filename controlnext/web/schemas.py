@@ -156,7 +156,7 @@ class GenerateRequest(StrictModel):
     resize_mode: ResizeMode = _request_field("resize_mode")
     loras: list[LoraRequest] = _request_field("loras")
     steps: int = _request_field("steps")
-    guidance: float = _request_field("guidance")
+    guidance: float | None = _request_field("guidance")
     scheduler: SchedulerName = _request_field("scheduler")
     seed: int | None = _request_field("seed", default=None, description="random seed (default: a random one); "
                                       "image k uses seed + k")

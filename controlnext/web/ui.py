@@ -14,10 +14,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ..advice import condition_note, prompt_note, size_note, trained_vocabulary
+from ..control.loading import recommendations
 from ..errors import ControlNextError
 from ..metadata import save_with_parameters
-from ..request import (CONTROL_MODES, DEFAULT_BASE, OFFLOADS, RESIZE_MODES, SCHEDULER_NAMES, UNET_WEIGHTS,
-                       ControlSettings, GenerationRequest, LoraSettings, configured_size, settings)
+from ..request import (CONTROL_MODES, DEFAULT_BASE, DEFAULT_GUIDANCE, OFFLOADS, RESIZE_MODES, SCHEDULER_NAMES,
+                       UNET_WEIGHTS, ControlSettings, GenerationRequest, LoraSettings, configured_size, settings)
 from .catalog import ModelCatalog
 from .engine import Engine, available_annotators
 from .schemas import GenerateRequest, describe_errors
@@ -132,13 +133,34 @@ def control_unit(index: int, catalog: ModelCatalog, annotators: list[str]) -> Un
                            min_width=240)
     notes = gr.Markdown(elem_classes="condition-notes", elem_id=f"condition-notes-{index}")
     with gr.Row():
-        scale = slider(CONTROL_FIELDS["scale"], 0.05, "Scale", f"scale-{index}", value=1.0)  # a slider has no 'default'
+        scale = slider(CONTROL_FIELDS["scale"], 0.05, "Scale", f"scale-{index}",  # a slider has no 'default'
+                       value=recommended_scale(catalog, default))
         start = slider(CONTROL_FIELDS["start"], 0.05, "Start", f"start-{index}")
         end = slider(CONTROL_FIELDS["end"], 0.05, "End", f"end-{index}")
         unet_weights = gr.Dropdown(list(UNET_WEIGHTS), value=CONTROL_FIELDS["unet_weights"].default,
                                    label="UNet weights", info="auto: read from the file", elem_id=f"unet-weights-{index}",
                                    min_width=140)
     return UnitInputs(control, upload, sketch, annotator, preview, notes, scale, start, end, unet_weights, control_mode)
+
+
+def control_recommendations(catalog: ModelCatalog, name: str | None) -> dict[str, float]:
+    """The scale and guidance the control called `name` recommends (its control.json), {} for none or unreadable."""
+    if name in (None, NONE):
+        return {}
+    try:
+        return recommendations(catalog.find("control", name).path)
+    except ControlNextError:  # generating with it says what is wrong
+        return {}
+
+
+def recommended_guidance(catalog: ModelCatalog, names: list[str | None]) -> float:
+    """The guidance `generate` would choose for these controls: the first recommended one, else the default."""
+    return next((found["guidance"] for found in (control_recommendations(catalog, n) for n in names)
+                 if "guidance" in found), DEFAULT_GUIDANCE)
+
+
+def recommended_scale(catalog: ModelCatalog, name: str | None) -> float:
+    return control_recommendations(catalog, name).get("scale", 1.0)
 
 
 def slider(spec, step: float, label: str, elem_id: str | None = None, **overrides) -> gr.Slider:
@@ -198,7 +220,8 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                         scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value=FIELDS["scheduler"].default, label="Scheduler",
                                                 elem_id="scheduler", min_width=160)
                         steps = slider(FIELDS["steps"], 1, "Steps", "steps")
-                        guidance = slider(FIELDS["guidance"], 0.5, "Guidance", "guidance")
+                        guidance = slider(FIELDS["guidance"], 0.5, "Guidance", "guidance",  # follows the controls
+                                          value=recommended_guidance(catalog, [u.control.value for u in unit_inputs]))
                     with gr.Row():
                         seed = gr.Number(-1, precision=0, label="Seed", info="-1: random", elem_id="seed",
                                          min_width=160)
@@ -321,6 +344,17 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                 return condition, f"⚠ {note}" if note else ""
 
             return on_preview
+
+        # A control's control.json may recommend a scale and a guidance: choosing the control sets them.
+        def on_control(values: dict):
+            changes = {guidance: recommended_guidance(catalog, [values[u.control] for u in unit_inputs])}
+            for unit in unit_inputs:
+                changes[unit.scale] = recommended_scale(catalog, values[unit.control])
+            return changes
+
+        for unit in unit_inputs:
+            unit.control.change(on_control, inputs={u.control for u in unit_inputs},
+                                outputs=[guidance, *(u.scale for u in unit_inputs)], queue=False)
 
         # An upload still in flight is awaited by the browser before it sends an event (Generate included), and the
         # drawing canvas counts only once something is drawn, so no condition is ever taken half-uploaded or blank.
