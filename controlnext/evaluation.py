@@ -32,49 +32,62 @@ def held_out(count: int, kind: str | None = None, resolution: int = 64, world_se
     return [world.sample(index, split) for index in range(count)]
 
 
-def sampling_options(pipe, steps: int, guidance: float) -> dict:
-    """The call options every held-out image is generated with: the pipeline's own size and defaults."""
+def sampling_options(pipe, steps: int, guidance: float, strength: float | None = None) -> dict:
+    """The call options every held-out image is generated with: the pipeline's own size and defaults; with
+    `strength`, an img2img pipeline's (the size is the scene's)."""
     from .pipelines.base import call_defaults
 
     side = pipe.default_size()[0]
-    return dict(num_inference_steps=steps, guidance_scale=guidance, height=side, width=side, **call_defaults(pipe.pipe))
+    start = dict(height=side, width=side) if strength is None else dict(strength=strength)
+    return dict(num_inference_steps=steps, guidance_scale=guidance, **start, **call_defaults(pipe.pipe))
+
+
+def scene_starts(samples, strength: float | None) -> dict:
+    """With `strength`, the img2img call's starting images: the real scenes, which it noises to that strength.
+
+    Started this way, fidelity shows how much of the scene the model loses over the last `strength` of the
+    schedule alone: what the denoiser loses at low noise, apart from what it decides at high noise."""
+    return {} if strength is None else {"image": [sample.image.convert("RGB") for sample in samples]}
 
 
 @torch.no_grad()
 def uncontrolled_images(pipe, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
-                        batch: int = 25, split: str = "test") -> list:
+                        batch: int = 25, split: str = "test", strength: float | None = None) -> list:
     """The base model's images for the first `count` held-out captions, seeded as `evaluate_control` seeds its
-    controlled images: the floor of every control, the same for all of them."""
-    captions = [sample.caption for sample in held_out(count, None, pipe.default_size()[0], split=split)]
-    options = sampling_options(pipe, steps, guidance)
+    controlled images: the floor of every control, the same for all of them. `strength`: start from the scenes
+    (`scene_starts`; `pipe` is then an img2img pipeline)."""
+    samples = held_out(count, None, pipe.default_size()[0], split=split)
+    options = sampling_options(pipe, steps, guidance, strength)
     return [image for start in range(0, count, batch)
-            for image in pipe.pipe(captions[start:start + batch], generator=torch.Generator().manual_seed(seed + start),
-                                   **options).images]
+            for image in pipe.pipe([sample.caption for sample in samples[start:start + batch]],
+                                   generator=torch.Generator().manual_seed(seed + start),
+                                   **scene_starts(samples[start:start + batch], strength), **options).images]
 
 
 @torch.no_grad()
 def evaluate_control(pipe, kind: str, count: int = 100, seed: int = 0, steps: int = 20, guidance: float = 5.0,
                      batch: int = 25, scale: float | None = None, uncontrolled: list | None = None,
-                     split: str = "test") -> dict:
+                     split: str = "test", strength: float | None = None) -> dict:
     """Fidelity with the control, without it (same prompts and seeds) and of the real scenes; shape scores of both.
 
     `pipe` is a ControlledPipeline holding exactly one control, made for `kind` conditions; `uncontrolled`, the
     images of `uncontrolled_images` with the same settings, when already made for another control. `split`:
-    the scenes judged ("validation" to choose among controls, "test" to report the chosen one).
+    the scenes judged ("validation" to choose among controls, "test" to report the chosen one); `strength`, start
+    from the scenes noised to it (`scene_starts`; `pipe` then holds an img2img pipeline).
     """
     if uncontrolled is not None and len(uncontrolled) != count:
         raise ValueError(f"{len(uncontrolled)} uncontrolled images for {count} held-out scenes")
     metric = getattr(metrics, CONTROL_METRICS[kind])
     samples = held_out(count, kind, pipe.default_size()[0], split=split)
-    options = sampling_options(pipe, steps, guidance)
+    options = sampling_options(pipe, steps, guidance, strength)
     controlled = []
     for start in range(0, count, batch):
         chunk = samples[start:start + batch]
         controlled += pipe([sample.caption for sample in chunk], control_images=[[s.conditions[kind] for s in chunk]],
                            control_scales=scale, generator=torch.Generator().manual_seed(seed + start),
-                           **options).images
+                           **scene_starts(chunk, strength), **options).images
     if uncontrolled is None:
-        uncontrolled = uncontrolled_images(pipe, count, seed, steps, guidance, batch, split)
+        uncontrolled = uncontrolled_images(pipe, count, seed, steps, guidance, batch, split, strength)
 
     reference = SCORED_AGAINST.get(kind, kind)
 
