@@ -23,7 +23,7 @@ from .errors import ControlNextError
 from .images import load_image, to_rgb
 from .pipelines import ControlledPipeline
 from .pipelines.base import resolve_dtype
-from .request import DEFAULT_GUIDANCE, GenerationRequest, describe_image, resolve_control
+from .request import GenerationRequest, describe_image, recommended_guidance, resolve_control
 
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 Loader = Callable[[GenerationRequest], ControlledPipeline]
@@ -137,7 +137,9 @@ def generate(
     scheduler = pipe.use_scheduler(request.scheduler)
 
     scales = [c.scale if c.scale is not None else loaded.scale for c, loaded in zip(request.controls, pipe.controls)]
-    guidance = request.guidance if request.guidance is not None else recommended_guidance(pipe.controls)
+    guidance = request.guidance
+    if guidance is None:
+        guidance = recommended_guidance(c.guidance for c in pipe.controls)
     kwargs = dict(
         negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
         guidance_scale=guidance, num_images_per_prompt=request.num_images,
@@ -172,12 +174,6 @@ def generate(
         for k, image in enumerate(images)
     ]
     return GenerationResult(images, parameters, notes)
-
-
-def recommended_guidance(controls) -> float:
-    """The guidance a generation uses when its request names none: the first control's recommendation (a
-    control.json's "guidance", for the guidance it was made for), else DEFAULT_GUIDANCE."""
-    return next((c.guidance for c in controls if c.guidance is not None), DEFAULT_GUIDANCE)
 
 
 def _open(image) -> Image.Image:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from controlnext.cli import main
 from controlnext.cli.generate import read_parameters
-from controlnext.request import DEFAULT_GUIDANCE
+from controlnext.request import DEFAULT_GUIDANCE, recommended_guidance
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,16 @@ def test_guidance_left_open_is_the_one_the_control_recommends(tmp_path, tiny_bas
     assert not np.array_equal(pixels[0], pixels[2])
     plain = generate(tmp_path, tiny_base, tiny_control, condition, "plain.png")  # its control.json names none
     assert read_parameters(plain)["guidance"] == DEFAULT_GUIDANCE == 7.5
+
+
+@pytest.mark.parametrize("recommended, expected", [
+    ([], DEFAULT_GUIDANCE),
+    ([None, None], DEFAULT_GUIDANCE),
+    ([None, 3, 1.5], 3.0),  # the first control that names one
+    ([0, 2], 0.0),  # zero is a recommendation, not "none"
+])
+def test_recommended_guidance_rule(recommended, expected):
+    assert recommended_guidance(iter(recommended)) == expected
 
 
 def test_from_png_regenerates_the_image_identically(tmp_path, tiny_base, tiny_control, condition):

@@ -5,8 +5,8 @@ save_pretrained), `control.json` (method, variant, how the base tensors are stor
 and classifier-free guidance) and, when base weights were trained, `unet.safetensors` with only those
 tensors. The official layout is a module file (`controlnet.safetensors` or `.bin`) beside a UNet file of
 trained tensors, absolute or as increments whatever its name says, possibly in LDM key names; which of the
-two is read from the tensors against the base they attach to. A ControlNet is a diffusers ControlNet folder (ours adds
-`control.json`) or an original single-file checkpoint.
+two is read from the tensors against the base they attach to. A ControlNet is a diffusers ControlNet
+folder (ours adds `control.json`) or an original single-file checkpoint.
 """
 
 from __future__ import annotations

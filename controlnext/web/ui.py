@@ -17,8 +17,9 @@ from ..advice import condition_note, prompt_note, size_note, trained_vocabulary
 from ..control.loading import recommendations
 from ..errors import ControlNextError
 from ..metadata import save_with_parameters
-from ..request import (CONTROL_MODES, DEFAULT_BASE, DEFAULT_GUIDANCE, OFFLOADS, RESIZE_MODES, SCHEDULER_NAMES,
-                       UNET_WEIGHTS, ControlSettings, GenerationRequest, LoraSettings, configured_size, settings)
+from ..request import (CONTROL_MODES, DEFAULT_BASE, OFFLOADS, RESIZE_MODES, SCHEDULER_NAMES,
+                       UNET_WEIGHTS, ControlSettings, GenerationRequest, LoraSettings, configured_size,
+                       recommended_guidance, settings)
 from .catalog import ModelCatalog
 from .engine import Engine, available_annotators
 from .schemas import GenerateRequest, describe_errors
@@ -153,10 +154,9 @@ def control_recommendations(catalog: ModelCatalog, name: str | None) -> dict[str
         return {}
 
 
-def recommended_guidance(catalog: ModelCatalog, names: list[str | None]) -> float:
-    """The guidance `generate` would choose for these controls: the first recommended one, else the default."""
-    return next((found["guidance"] for found in (control_recommendations(catalog, n) for n in names)
-                 if "guidance" in found), DEFAULT_GUIDANCE)
+def control_guidance(catalog: ModelCatalog, names: list[str | None]) -> float:
+    """The guidance `generate` would choose for these controls (request.recommended_guidance)."""
+    return recommended_guidance(control_recommendations(catalog, n).get("guidance") for n in names)
 
 
 def recommended_scale(catalog: ModelCatalog, name: str | None) -> float:
@@ -221,7 +221,7 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                                                 elem_id="scheduler", min_width=160)
                         steps = slider(FIELDS["steps"], 1, "Steps", "steps")
                         guidance = slider(FIELDS["guidance"], 0.5, "Guidance", "guidance",  # follows the controls
-                                          value=recommended_guidance(catalog, [u.control.value for u in unit_inputs]))
+                                          value=control_guidance(catalog, [u.control.value for u in unit_inputs]))
                     with gr.Row():
                         seed = gr.Number(-1, precision=0, label="Seed", info="-1: random", elem_id="seed",
                                          min_width=160)
@@ -347,7 +347,7 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
 
         # A control's control.json may recommend a scale and a guidance: choosing the control sets them.
         def on_control(values: dict):
-            changes = {guidance: recommended_guidance(catalog, [values[u.control] for u in unit_inputs])}
+            changes = {guidance: control_guidance(catalog, [values[u.control] for u in unit_inputs])}
             for unit in unit_inputs:
                 changes[unit.scale] = recommended_scale(catalog, values[unit.control])
             return changes
