@@ -53,6 +53,20 @@ def test_flags_override_a_config_file_over_the_defaults(monkeypatch, tmp_path):
     assert config_from_args(parse_train(monkeypatch, [])) == TrainConfig()
 
 
+@pytest.mark.parametrize("method, module_rate, expected", [
+    ("controlnext", None, 1e-4),  # its maintainers' recipe: 10x the base subset's rate
+    ("controlnet", None, 1e-5),  # the copy is all it trains: the paper's rate is --learning-rate
+    ("controlnet", 3e-4, 3e-4),  # given, it wins
+    ("controlnext", 2e-5, 2e-5),
+])
+def test_the_control_models_learning_rate_follows_its_method(method, module_rate, expected):
+    from controlnext.training.trainer import make_optimizer
+
+    config = TrainConfig(method=method, learning_rate=1e-5, module_learning_rate=module_rate)
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), [torch.nn.Parameter(torch.zeros(1))], config)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([expected, 1e-5])
+
+
 def test_validation_noise_follows_the_seed_unless_a_validation_seed_is_given():
     assert TrainConfig(seed=3).sampling_seed == 3
     assert TrainConfig(seed=3, validation_seed=0).sampling_seed == 0

@@ -30,6 +30,8 @@ class ControlMethod:
     build: Callable  # (denoiser, TrainConfig, vae_scale_factor=8) -> a fresh model for that base
     detect: Callable[[Path], bool] = lambda path: False  # files without control.json that are this method's
     trainable: Callable[[str], str] = lambda family: "none"  # denoiser family -> the preset "--trainable auto" means
+    # the model's learning rate when --module-learning-rate is not given, as a multiple of --learning-rate
+    module_lr_factor: float = 1.0
 
 
 METHODS: dict[str, ControlMethod] = {}

@@ -104,4 +104,5 @@ class _Parameters:
 register(ControlMethod(
     name="controlnext", model_class=ControlNeXtModel, load=load_controlnext, save=save, build=build, detect=detect,
     trainable=lambda kind: TRAINABLE.get(kind, "sd15"),
+    module_lr_factor=10.0,  # its maintainers' recipe: 1e-4 for the module beside 1e-5 for the base subset
 ))

@@ -104,7 +104,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", resume=True)
     learning_rate: float = option(1e-5, "learning rate of the selected base UNet weights", resume=True)
     module_learning_rate: float | None = option(None, "learning rate of the control module (default: 10 x "
-                                                "--learning-rate)", resume=True)
+                                                "--learning-rate for controlnext, as its maintainers recommend; "
+                                                "--learning-rate for controlnet, whose copy is all it trains)",
+                                                resume=True)
     weight_decay: float = option(1e-2, "AdamW weight decay", resume=True)
     lr_scheduler: str = option("constant", "learning-rate schedule after the warm-up", resume=True,
                                choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"))
@@ -181,7 +183,13 @@ class TrainConfig:
 
     @property
     def module_lr(self) -> float:
-        return self.module_learning_rate if self.module_learning_rate is not None else 10 * self.learning_rate
+        """The control model's learning rate: --module-learning-rate, else the method's multiple of --learning-rate."""
+        if self.module_learning_rate is not None:
+            return self.module_learning_rate
+        from ..methods import METHODS
+
+        method = METHODS.get(self.method)  # an unknown method is refused where training starts
+        return (method.module_lr_factor if method else 1.0) * self.learning_rate
 
     @property
     def sampling_seed(self) -> int:
