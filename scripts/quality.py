@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
               + "  ".join(f"{key} {value:.3f}" for key, value in shown.items()), flush=True)
     for kind, folder in controls.items():
         control = load_control(folder, pipeline_denoiser(pipe.pipe))
-        guidance = args.guidance if args.guidance is not None else control.guidance or BASE_GUIDANCE
+        guidance = args.guidance
+        if guidance is None:  # as `generate` chooses; 5 where the control names none
+            guidance = control.guidance if control.guidance is not None else BASE_GUIDANCE
         scores = evaluate_control(ControlledPipeline(pipe.pipe, [control]), kind, uncontrolled=floor(guidance),
                                   scale=args.scale, guidance=guidance, **sampling)
         report["controls"][kind] = {"folder": folder, "guidance": guidance, **scores}
