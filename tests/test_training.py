@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -232,6 +233,7 @@ ERRORS = [
     ("weights for another base", "wide control", "made for a base model with 16 channels"),
     ("resume another configuration", dict(learning_rate=1e-4, resume="latest"), "--learning-rate"),
     ("resume on another base", "other base", "trained on another base model"),
+    ("resume under another default module rate", "other factor", "--module-learning-rate 0.03"),
     ("explicit metric missing", dict(validation_every=1, validation_metric="mask_iou"), "controlnext.metrics"),
     ("fp16 on the CPU", dict(mixed_precision="fp16", cpu=True), "fp16 needs a GPU"),
 ]
@@ -259,6 +261,10 @@ def test_bad_input_is_one_clear_error(case, change, message, trained, tiny_base,
         config.init_control = str(save_controlnext(tmp_path / "wide", tiny_controlnext(out_channels=16)))
     if change == "other base":
         config.base = str(_other_base(tiny_base, tmp_path))
+    if change == "other factor":  # the method's default rate changed since the checkpoint was made
+        from controlnext.methods import METHODS
+
+        monkeypatch.setitem(METHODS, "controlnext", dataclasses.replace(METHODS["controlnext"], module_lr_factor=5.0))
     examples = [circle_example(0), circle_example(1)] if case.startswith("resume") else None
     with pytest.raises(ControlNextError, match=message) as error:
         Trainer(config, examples).run()

@@ -23,6 +23,7 @@ import torch
 from ..errors import ControlNextError
 
 STATE_FILE = "trainer_state.json"
+FLAG_OF = {"module_lr": "module_learning_rate"}  # recorded values that are not fields: the flag that sets them
 PARTIAL_PREFIX = ".partial-"
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
@@ -69,8 +70,9 @@ def check_resumable(state: dict, config_fields: dict, base_fingerprint: str, tra
     saved = state.get("config", {})
     for name, value in config_fields.items():
         if name in saved and _normalise(saved[name]) != _normalise(value):
+            flag = FLAG_OF.get(name, name).replace("_", "-")
             raise ControlNextError(
-                f"checkpoint {path} was made with --{name.replace('_', '-')} {saved[name]!r}, this run has "
+                f"checkpoint {path} was made with --{flag} {saved[name]!r}, this run has "
                 f"{value!r}; resume with the same configuration or start a new --output-dir"
             )
     if state.get("trainable_names") != trainable:

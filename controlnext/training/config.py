@@ -103,9 +103,9 @@ class TrainConfig:
     batch_size: int = option(4, "examples per process and micro-batch", resume=True)
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", resume=True)
     learning_rate: float = option(1e-5, "learning rate of the selected base UNet weights", resume=True)
-    module_learning_rate: float | None = option(None, "learning rate of the control module (default: 10 x "
-                                                "--learning-rate for controlnext, as its maintainers recommend; "
-                                                "--learning-rate for controlnet, whose copy is all it trains)",
+    module_learning_rate: float | None = option(None, "learning rate of the control module (default: --learning-rate "
+                                                "times the method's factor: 10 for controlnext, as its maintainers "
+                                                "recommend; 1 for controlnet, whose copy is all it trains)",
                                                 resume=True)
     weight_decay: float = option(1e-2, "AdamW weight decay", resume=True)
     lr_scheduler: str = option("constant", "learning-rate schedule after the warm-up", resume=True,
@@ -197,8 +197,10 @@ class TrainConfig:
         return self.seed if self.validation_seed is None else self.validation_seed
 
     def resume_fields(self) -> dict:
-        """The values a checkpoint records and a resumed run must repeat."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("resume")}
+        """The values a checkpoint records and a resumed run must repeat; with them the module's learning rate
+        as used (`module_lr`), which a method's default sets when --module-learning-rate is not given."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("resume")}
+        return {**fields, "module_lr": self.module_lr}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
