@@ -48,14 +48,14 @@ DEFAULT_GUIDANCE = 7.5  # classifier-free guidance when neither the request nor 
 SIZE_MULTIPLE = 8  # diffusers' SD and SDXL pipelines refuse other sizes, whatever the VAE's factor
 UPLOADED = "sha256:"  # prefix of an image known only by its fingerprint (uploaded to the web app)
 
-
-def recommended_guidance(recommended: typing.Iterable[float | None]) -> float:
-    """The guidance a generation uses when its request names none: the first control's recommendation (its
-    control.json's "guidance", the guidance it was made for), else DEFAULT_GUIDANCE. `recommended` holds each
-    chosen control's recommendation in order, None where it names none."""
-    return next((float(value) for value in recommended if value is not None), DEFAULT_GUIDANCE)
-
 Label = Callable[[str], str]  # a field's name as an interface shows it: "init_image" -> "--init-image"
+
+
+def recommended_guidance(recommended: typing.Iterable[float | None], default: float = DEFAULT_GUIDANCE) -> float:
+    """The guidance a generation uses when its request names none: the first control's recommendation (its
+    control.json's "guidance", the guidance it was made for), else `default`. `recommended` holds each chosen
+    control's recommendation in order, None where it names none."""
+    return next((float(value) for value in recommended if value is not None), default)
 
 
 def setting(help: str, default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,

@@ -33,6 +33,7 @@ from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_con
 from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS  # noqa: E402
+from controlnext.request import recommended_guidance  # noqa: E402
 
 BASE_GUIDANCE = 5.0  # the base model's figures, and a control's that recommends none
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         control = load_control(folder, pipeline_denoiser(pipe.pipe))
         guidance = args.guidance
         if guidance is None:  # as `generate` chooses; 5 where the control names none
-            guidance = control.guidance if control.guidance is not None else BASE_GUIDANCE
+            guidance = recommended_guidance([control.guidance], default=BASE_GUIDANCE)
         scores = evaluate_control(ControlledPipeline(pipe.pipe, [control]), kind, uncontrolled=floor(guidance),
                                   scale=args.scale, guidance=guidance, **sampling)
         report["controls"][kind] = {"folder": folder, "guidance": guidance, **scores}

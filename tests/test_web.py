@@ -251,7 +251,7 @@ def test_choosing_a_control_sets_the_guidance_and_scale_it_recommends(tiny_contr
     """The UI's sliders follow what the chosen controls' control.json recommend, as `generate` would choose."""
     from controlnext.request import DEFAULT_GUIDANCE
     from controlnext.web.catalog import ModelCatalog
-    from controlnext.web.ui import NONE, control_guidance, recommended_scale
+    from controlnext.web.ui import NONE, guidance_for_controls, recommended_scale
 
     recommending, broken = tmp_path / "recommending", tmp_path / "broken"
     for folder, extra in ((recommending, '"scale": 0.6, "guidance": 2.5'), (broken, '"guidance": "high"')):
@@ -260,9 +260,9 @@ def test_choosing_a_control_sets_the_guidance_and_scale_it_recommends(tiny_contr
         (folder / "control.json").write_text(recorded + ", " + extra + "}")
     catalog = ModelCatalog.discover(controls=[tiny_control, recommending, broken], include_embedded=False)
     plain, chosen, bad = [entry.name for entry in catalog.controls]
-    assert control_guidance(catalog, [plain, chosen]) == 2.5  # the first control that names one
-    assert control_guidance(catalog, [NONE, None]) == DEFAULT_GUIDANCE
-    assert control_guidance(catalog, [plain, bad]) == DEFAULT_GUIDANCE  # an unreadable one: generating says why
+    assert guidance_for_controls(catalog, [plain, chosen]) == 2.5  # the first control that names one
+    assert guidance_for_controls(catalog, [NONE, None]) == DEFAULT_GUIDANCE
+    assert guidance_for_controls(catalog, [plain, bad]) == DEFAULT_GUIDANCE  # an unreadable one: generating says why
     assert [recommended_scale(catalog, name) for name in (chosen, plain, NONE)] == [0.6, 1.0, 1.0]
 
 

@@ -154,7 +154,7 @@ def control_recommendations(catalog: ModelCatalog, name: str | None) -> dict[str
         return {}
 
 
-def control_guidance(catalog: ModelCatalog, names: list[str | None]) -> float:
+def guidance_for_controls(catalog: ModelCatalog, names: list[str | None]) -> float:
     """The guidance `generate` would choose for these controls (request.recommended_guidance)."""
     return recommended_guidance(control_recommendations(catalog, n).get("guidance") for n in names)
 
@@ -221,7 +221,7 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
                                                 elem_id="scheduler", min_width=160)
                         steps = slider(FIELDS["steps"], 1, "Steps", "steps")
                         guidance = slider(FIELDS["guidance"], 0.5, "Guidance", "guidance",  # follows the controls
-                                          value=control_guidance(catalog, [u.control.value for u in unit_inputs]))
+                                          value=guidance_for_controls(catalog, [u.control.value for u in unit_inputs]))
                     with gr.Row():
                         seed = gr.Number(-1, precision=0, label="Seed", info="-1: random", elem_id="seed",
                                          min_width=160)
@@ -347,7 +347,7 @@ def image_ui(engine: Engine, worker: ModelWorker, catalog: ModelCatalog, output_
 
         # A control's control.json may recommend a scale and a guidance: choosing the control sets them.
         def on_control(values: dict):
-            changes = {guidance: control_guidance(catalog, [values[u.control] for u in unit_inputs])}
+            changes = {guidance: guidance_for_controls(catalog, [values[u.control] for u in unit_inputs])}
             for unit in unit_inputs:
                 changes[unit.scale] = recommended_scale(catalog, values[unit.control])
             return changes
