@@ -55,6 +55,9 @@ SKIPPED = {
     ("scripts/README.md", "python scripts/train_base.py --output runs/base-continued --init-from controlnext/assets/base "
                           "--train-images 30000 \\"): "continues the embedded model's training (minutes on a GPU, hours "
                                                         "on a CPU)",
+    ("scripts/README.md", "controlnext train --method controlnet --data shapes-canny --resolution 128 "
+                          "--generated-examples 6400 \\"): "trains for 25 minutes on 2 cores; tests/test_training.py "
+                                                            "trains a ControlNet on fewer steps",
     ("scripts/README.md", "python scripts/train_base.py --output /tmp/tiny_base --train-images 200 --vae-steps 20 "
                           "--unet-steps 30 --eval-every 0"): "trains for half a minute; tests/test_base_model.py runs "
                                                              "the training on fewer steps",
