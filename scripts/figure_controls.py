@@ -21,6 +21,7 @@ from controlnext.denoisers import pipeline_denoiser  # noqa: E402
 from controlnext.evaluation import CONTROL_METRICS, held_out  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS, call_defaults  # noqa: E402
+from controlnext.request import recommended_guidance  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("docs/images/embedded-default.png"))
     parser.add_argument("--rows", type=int, default=2, help="held-out scenes per control (default: 2)")
     parser.add_argument("--zoom", type=int, default=2, help="pixel zoom of the images (default: 2)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance of every image (default: each control's recommended guidance, "
+                             "as `generate` uses it, else 5; its row's images without control use the same)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -39,18 +43,21 @@ def main(argv: list[str] | None = None) -> None:
         kind: str(BUNDLED_CONTROLS / kind) for kind in CONTROL_METRICS if (BUNDLED_CONTROLS / kind).is_dir()}
     base = ControlledPipeline.from_pretrained(args.base)
     side = base.default_size()[0]
-    options = dict(num_inference_steps=20, guidance_scale=5.0, height=side, width=side, **call_defaults(base.pipe))
+    options = dict(num_inference_steps=20, height=side, width=side, **call_defaults(base.pipe))
     rows = []
     for number, (kind, folder) in enumerate(controls.items()):
-        pipe = ControlledPipeline(base.pipe, [load_control(folder, pipeline_denoiser(base.pipe))])
+        control = load_control(folder, pipeline_denoiser(base.pipe))
+        pipe = ControlledPipeline(base.pipe, [control])
+        guidance = args.guidance if args.guidance is not None else recommended_guidance([control.guidance], 5.0)
         scenes = held_out(args.rows * (number + 1), kind, side)[args.rows * number:]  # other scenes for each control
         captions, conditions = [s.caption for s in scenes], [s.conditions[kind] for s in scenes]
         controlled = pipe(captions, control_images=[conditions], generator=torch.Generator().manual_seed(0),
+                          guidance_scale=guidance, **options).images
+        plain = base.pipe(captions, generator=torch.Generator().manual_seed(0), guidance_scale=guidance,
                           **options).images
-        plain = base.pipe(captions, generator=torch.Generator().manual_seed(0), **options).images
         rows += list(zip(conditions, controlled, plain))
         for caption in captions:
-            print(f"{kind}: {caption}")
+            print(f"{kind} (guidance {guidance:g}): {caption}")
     tile = side * args.zoom
     grid = Image.new("RGB", (3 * tile, len(rows) * tile), "white")
     for row, images in enumerate(rows):
