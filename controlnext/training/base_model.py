@@ -181,6 +181,38 @@ def moving_average(modules: list[torch.nn.Module], decay: float):
     return EMAModel([p for module in modules for p in module.parameters()], decay=decay)
 
 
+class DenoiserOptimisation:
+    """What every step of a base model's denoiser training does after its loss: AdamW on the modules' weights
+    (gradients clipped to norm 1) under the warm-up-then-cosine schedule, their moving average (EMA), and the
+    running loss logged every 100 steps."""
+
+    def __init__(self, modules: list[torch.nn.Module], lr: float, steps: int, warmup: int, ema_decay: float,
+                 label: str, log: Log = print):
+        self.modules, self.steps, self.label, self.log = modules, steps, label, log
+        self.parameters = [p for module in modules for p in module.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.01)
+        self.schedule = cosine_schedule(self.optimizer, steps, warmup)
+        self.ema = moving_average(modules, ema_decay)
+        self.started, self.running = time.time(), []
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self.ema.step(self.parameters)
+        self.running.append(loss.item())
+        if step % 100 == 0 or step == self.steps - 1:
+            seconds = time.time() - self.started
+            self.log(f"{self.label} step {step:5d}  loss {np.mean(self.running):.4f}  {seconds:.0f}s")
+            self.running = []
+
+    def averaged(self) -> list[torch.nn.Module]:
+        """Copies of the modules holding the moving averages of their weights."""
+        return averaged_copies(self.ema, self.modules)
+
+
 def averaged_copies(ema, modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
     """Copies of `modules` holding the moving averages of their weights (the modules keep their own)."""
     copies = [copy.deepcopy(module).requires_grad_(False).eval() for module in modules]
@@ -213,13 +245,10 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor
     generator = torch.Generator().manual_seed(config.seed + 1)
     token_ids = tokenize(tokenizer, captions)  # (n, max_tokens)
     empty_ids = tokenize(tokenizer, [""])  # (1, max_tokens)
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.01)
-    schedule = cosine_schedule(optimizer, config.unet_steps, config.warmup_steps)
-    ema = moving_average([unet, text_encoder], config.ema_decay)
     unet.train()
     text_encoder.train()
-    started, running = time.time(), []
+    optimisation = DenoiserOptimisation([unet, text_encoder], config.unet_lr, config.unet_steps, config.warmup_steps,
+                                        config.ema_decay, "unet", log)
     for step in range(config.unet_steps):
         chosen = torch.randint(len(means), (config.unet_batch,), generator=generator)
         posterior_noise = torch.randn(means[chosen].shape, generator=generator)
@@ -236,22 +265,12 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample  # (b, c, h, w)
         target = noise if config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         weights = snr_weights(scheduler, timesteps, config.snr_gamma, config.prediction_type)  # (b,)
-        loss = (weights * (prediction - target).pow(2).mean((1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.step(parameters)
-        running.append(loss.item())
-        if step % 100 == 0 or step == config.unet_steps - 1:
-            log(f"unet step {step:5d}  loss {np.mean(running):.4f}  {time.time() - started:.0f}s")
-            running = []
+        optimisation.step(step, (weights * (prediction - target).pow(2).mean((1, 2, 3))).mean())
         if evaluate and config.eval_every and (step + 1) % config.eval_every == 0:
-            evaluate(step + 1, averaged_copies(ema, [unet, text_encoder]))
+            evaluate(step + 1, optimisation.averaged())
     unet.eval()
     text_encoder.eval()
-    return averaged_copies(ema, [unet, text_encoder])
+    return optimisation.averaged()
 
 
 def load_trained_weights(folder: Path, text_encoder, unet) -> None:

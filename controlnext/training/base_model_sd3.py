@@ -14,15 +14,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..models.tiny_sd import BASE_MODEL_DIR, build_tokenizer, build_vae
 from ..models.tiny_sd3 import (TinySD3Config, assemble_pipeline, build_scheduler, build_text_encoders,
                                build_transformer)
-from .base_model import (BaseTrainingConfig, Log, averaged_copies, check_reconstruction, cosine_schedule,
-                         encode_latents, evaluate_base, moving_average, render_training_set, save_pipeline, tokenize,
-                         torch_threads, train_vae)
+from .base_model import (BaseTrainingConfig, DenoiserOptimisation, Log, check_reconstruction, encode_latents,
+                         evaluate_base, render_training_set, save_pipeline, tokenize, torch_threads, train_vae)
 from .flow_matching import FlowMatching, noisy_latents
 
 
@@ -89,13 +87,10 @@ def train_transformer(transformer, text_encoders, tokenizer, scheduler, means, s
     generator = torch.Generator().manual_seed(config.seed + 1)
     objective = FlowMatching(density=config.density, weighting=config.weighting)
     token_ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])  # (n, tokens), (1, tokens)
-    parameters = [p for module in (transformer, *text_encoders) for p in module.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.01)
-    schedule = cosine_schedule(optimizer, config.steps, config.warmup_steps)
-    ema = moving_average([transformer, *text_encoders], config.ema_decay)
     for module in (transformer, *text_encoders):
         module.train()
-    started, running = time.time(), []
+    optimisation = DenoiserOptimisation([transformer, *text_encoders], config.lr, config.steps, config.warmup_steps,
+                                        config.ema_decay, "transformer", log)
     joint_dim = transformer.config.joint_attention_dim
     for step in range(config.steps):
         chosen = torch.randint(len(means), (config.batch,), generator=generator)
@@ -107,22 +102,12 @@ def train_transformer(transformer, text_encoders, tokenizer, scheduler, means, s
         timesteps, sigmas = objective.sample(scheduler, config.batch, generator)  # (b,), (b,)
         hidden, pooled = encode_captions(text_encoders, ids, config.model.t5_tokens, joint_dim)
         prediction = transformer(noisy_latents(latents, noise, sigmas), hidden, pooled, timesteps).sample
-        loss = objective.loss(prediction, latents, noise, sigmas)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.step(parameters)
-        running.append(loss.item())
-        if step % 100 == 0 or step == config.steps - 1:
-            log(f"transformer step {step:5d}  loss {np.mean(running):.4f}  {time.time() - started:.0f}s")
-            running = []
+        optimisation.step(step, objective.loss(prediction, latents, noise, sigmas))
         if evaluate and config.eval_every and (step + 1) % config.eval_every == 0:
-            evaluate(step + 1, averaged_copies(ema, [transformer, *text_encoders]))
+            evaluate(step + 1, optimisation.averaged())
     for module in (transformer, *text_encoders):
         module.eval()
-    return averaged_copies(ema, [transformer, *text_encoders])
+    return optimisation.averaged()
 
 
 def train_sd3_base_model(output: str | Path, config: SD3BaseTrainingConfig = SD3BaseTrainingConfig(),
