@@ -55,6 +55,9 @@ SKIPPED = {
     ("scripts/README.md", "python scripts/train_base.py --output runs/base-continued --init-from controlnext/assets/base "
                           "--train-images 30000 \\"): "continues the embedded model's training (minutes on a GPU, hours "
                                                         "on a CPU)",
+    ("scripts/README.md", "controlnext train --data shapes-canny --resolution 128 --init-control "
+                          "controlnext/assets/controls/canny \\"): "trains the whole UNet for 12 minutes on 2 cores; "
+                                                                  "tests/test_training.py trains on fewer steps",
     ("scripts/README.md", "controlnext train --method controlnet --data shapes-canny --resolution 128 "
                           "--generated-examples 6400 \\"): "trains for 25 minutes on 2 cores; tests/test_training.py "
                                                             "trains a ControlNet on fewer steps",
