@@ -105,6 +105,26 @@ def test_saved_control_predicts_like_the_trained_model(trained, tiny_base, tmp_p
                                rtol=0, atol=1e-6 if increments else 0)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_control_saved_in_half_precision_stores_its_weights_so_and_loads_in_fp32(tiny_base, data, tmp_path, precision):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    trainer = Trainer(tiny_config(tiny_base, data, tmp_path / "out", max_steps=2, save_precision=precision))
+    folder = trainer.run()
+    full = trainer.method.save(tmp_path / "fp32", trainer.control,
+                               {n: p for n, p in trainer.base.unet.named_parameters() if n in trainer.changed},
+                               original_weights=trainer.original, metadata={})
+    for name in ("diffusion_pytorch_model.safetensors", "unet.safetensors"):
+        stored, reference = load_file(str(folder / name)), load_file(str(full / name))
+        assert set(stored) == set(reference) and all(v.dtype == dtype for v in stored.values()), name
+        assert all(torch.equal(stored[k], reference[k].to(dtype)) for k in stored), name
+    loaded = load_control(folder, load_training_base(tiny_base).unet)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert set(loaded.unet_weights) == set(trainer.changed)  # still read as absolute weights, not increments
+    live = dict(trainer.base.unet.named_parameters())
+    for name, value in loaded.unet_weights.items():
+        assert torch.equal(value.float(), live[name].detach().to(dtype).float()), name  # cast when attached
+
+
 def test_checkpoints_hold_the_state_and_the_export(trained):
     checkpoints = sorted((trained.output / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["checkpoint-000016"]  # keep_checkpoints=1

@@ -11,6 +11,7 @@ folder (ours adds `control.json`) or an original single-file checkpoint.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -346,8 +347,12 @@ def save_controlnext(
     increments: bool = False,
     layout: str = "ours",
     metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Save a ControlNeXt control; `layout="official"` writes the release layout (controlnet + unet files)."""
+    """Save a ControlNeXt control; `layout="official"` writes the release layout (controlnet + unet files).
+
+    `dtype` stores every tensor in that precision (increments are taken first, in the weights' own).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in (unet_weights or {}).items()}
@@ -356,6 +361,9 @@ def save_controlnext(
             raise ValueError("saving increments needs the base UNet")
         params = dict(base_unet.named_parameters())
         weights = {k: v - params[k].detach().cpu().to(v.dtype) for k, v in weights.items()}
+    if dtype is not None:
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+        model = _cast_copy(model, dtype)
     if layout == "official":
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "controlnet.safetensors"))
         if weights:
@@ -371,6 +379,13 @@ def save_controlnext(
     info = {"method": "controlnext", **variant, "unet_weights": "increments" if increments else "absolute", **(metadata or {})}
     (path / "control.json").write_text(json.dumps(info, indent=2))
     return path
+
+
+def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` in `dtype`, for saving; loading casts back (diffusers' from_pretrained gives fp32)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return nn.Module.to(copy.deepcopy(model), dtype)  # nn.Module's: diffusers' own warns about fp32-kept modules
 
 
 # -- ControlNet ----------------------------------------------------------------------------------------
@@ -449,10 +464,13 @@ def _controlnet_from_single_file(path: Path, unet, config, allow_pickle: bool) -
     return model
 
 
-def save_controlnet(path: str | Path, model: ControlNet, *, metadata: dict | None = None) -> Path:
-    """Save a ControlNet in our format: a diffusers ControlNet folder plus control.json."""
+def save_controlnet(path: str | Path, model: ControlNet, *, metadata: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Save a ControlNet in our format: a diffusers ControlNet folder plus control.json; `dtype`: stored precision."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = _cast_copy(model, dtype)
     model.save_pretrained(path, safe_serialization=True)
     (path / "control.json").write_text(json.dumps({"method": "controlnet", **(metadata or {})}, indent=2))
     return path

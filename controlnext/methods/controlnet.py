@@ -43,11 +43,12 @@ def build(denoiser: nn.Module, config, vae_scale_factor: int = 8) -> ControlNet:
     return ControlNet.from_unet(denoiser, conditioning_embedding_out_channels=widths)
 
 
-def save(path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None) -> Path:
+def save(path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None,
+         dtype=None) -> Path:
     """ControlNet keeps the base locked: only its own copy is saved."""
     if base_weights:
         raise ControlNextError("ControlNet trains its own copy of the encoder only; use --trainable none")
-    return save_controlnet(path, model, metadata=metadata)
+    return save_controlnet(path, model, metadata=metadata, dtype=dtype)
 
 
 register(ControlMethod(name="controlnet", model_class=(ControlNet, SD3ControlNet), load=load_controlnet, save=save, build=build,

@@ -85,10 +85,12 @@ def build(denoiser: nn.Module, config, vae_scale_factor: int = 8) -> ControlNeXt
     return model
 
 
-def save(path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None) -> Path:
+def save(path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None,
+         dtype=None) -> Path:
     """Our folder format; increments are taken against `original_weights`, the base weights before training."""
     base = _Parameters(original_weights) if increments else None
-    return save_controlnext(path, model, base_weights, base_unet=base, increments=increments, metadata=metadata)
+    return save_controlnext(path, model, base_weights, base_unet=base, increments=increments, metadata=metadata,
+                            dtype=dtype)
 
 
 class _Parameters:

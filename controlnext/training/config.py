@@ -128,6 +128,8 @@ class TrainConfig:
                                 "from a checkpoint folder")
     save_increments: bool = option(False, "store the trained base weights as increments over the original base "
                                    "weights instead of absolute values")
+    save_precision: str = option("fp32", "precision of the saved control's weights (fp16 or bf16 halve the files; "
+                                 "training and its checkpoints' state stay fp32)", choices=("fp32", "fp16", "bf16"))
 
     # -- watching it learn -----------------------------------------------------------------------------
     validation_every: int = option(500, "generate validation images every N optimizer steps (0: never)")

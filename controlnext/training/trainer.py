@@ -35,6 +35,7 @@ from .validation import fidelity, generate, image_grid, resolve_metric, validati
 from .video import VideoClips, is_video_base, validate_video, validation_clip, video_loss
 
 LOW_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ControlledUNet(nn.Module):
@@ -388,7 +389,8 @@ class Trainer:
             "prediction_type": self.base.prediction_type,
         }
         self.method.save(folder, module, unet_weights, original_weights=self.original,
-                         increments=self.config.save_increments, metadata=metadata)
+                         increments=self.config.save_increments, metadata=metadata,
+                         dtype=SAVE_PRECISION[self.config.save_precision])
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
