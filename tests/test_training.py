@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 
@@ -303,6 +304,8 @@ def test_init_control_starts_from_saved_weights(trained, tiny_base, data, tmp_pa
     trained_unet = dict(trained.trainer.base.unet.named_parameters())
     assert exported.keys() == set(trained.trainer.selected)
     assert all(torch.equal(exported[name], trained_unet[name].detach()) for name in exported)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())  # not the folder it started from
+    assert config["_class_name"] == "ControlNeXtModel" and "_name_or_path" not in config
 
 
 def test_controlnet_trains_through_the_same_loop_and_loads_back(tiny_base, data, tmp_path):

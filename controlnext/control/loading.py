@@ -372,13 +372,21 @@ def save_controlnext(
         return path
     if layout != "ours":
         raise ValueError(f"unknown layout {layout!r}; use 'ours' or 'official'")
-    model.save_pretrained(path, safe_serialization=True)
+    _save_model(model, path)
     if weights:
         save_file(weights, str(path / "unet.safetensors"))
     variant = {"variant": model.official_variant} if model.official_variant else {}
     info = {"method": "controlnext", **variant, "unet_weights": "increments" if increments else "absolute", **(metadata or {})}
     (path / "control.json").write_text(json.dumps(info, indent=2))
     return path
+
+
+def _save_model(model: nn.Module, path: Path) -> None:
+    """diffusers' save_pretrained, without the folder a loaded model came from (a local path, not the control's)."""
+    model.save_pretrained(path, safe_serialization=True)
+    config = json.loads((path / "config.json").read_text())
+    if config.pop("_name_or_path", None) is not None:
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -471,7 +479,7 @@ def save_controlnet(path: str | Path, model: ControlNet, *, metadata: dict | Non
     path.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         model = _cast_copy(model, dtype)
-    model.save_pretrained(path, safe_serialization=True)
+    _save_model(model, path)
     (path / "control.json").write_text(json.dumps({"method": "controlnet", **(metadata or {})}, indent=2))
     return path
 
