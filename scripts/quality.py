@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default=None, help="base model folder (default: the embedded default model; "
                         "controlnext/assets/sd3-base for the shapes-world SD3)")
     parser.add_argument("--controls", nargs="*", default=None,
-                        help=f"KIND=FOLDER pairs, KIND one of {', '.join(CONTROL_METRICS)} "
-                        "(default: the shipped controls)")
+                        help=f"KIND=FOLDER pairs, or KIND alone for the shipped control; KIND one of "
+                        f"{', '.join(CONTROL_METRICS)} (default: every shipped control)")
     parser.add_argument("--count", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--guidance", type=float, default=None,
@@ -71,8 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     # default: the controls shipped beside the base (assets/base -> assets/controls, sd3-base -> sd3-controls)
     shipped = BUNDLED_CONTROLS if args.base is None else Path(args.base).with_name(
         Path(args.base).name.replace("base", "controls"))
-    controls = dict(item.split("=", 1) for item in args.controls) if args.controls is not None else {
-        kind: str(shipped / kind) for kind in CONTROL_METRICS if (shipped / kind).is_dir()}
+    if args.controls is None:
+        controls = {kind: str(shipped / kind) for kind in CONTROL_METRICS if (shipped / kind).is_dir()}
+    else:
+        pairs = [item.split("=", 1) if "=" in item else (item, str(shipped / item)) for item in args.controls]
+        controls = dict(pairs)
+        unknown = sorted(set(controls) - set(CONTROL_METRICS))
+        if unknown:
+            parser.exit(2, f"{parser.prog}: error: --controls {unknown[0]}: unknown kind; use one of "
+                        f"{', '.join(CONTROL_METRICS)}, as KIND or KIND=FOLDER\n")
     started = time.time()
     try:
         device = resolve_device(args.device)

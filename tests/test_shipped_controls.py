@@ -145,8 +145,7 @@ def test_quality_script_at_scale_zero_scores_the_uncontrolled_images(tmp_path, m
     script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
     report = tmp_path / "quality.json"
     monkeypatch.setattr(sys, "argv", [str(script), "--count", "2", "--steps", "2", "--no-base", "--scale", "0",
-                                      "--controls", f"canny={BUNDLED_CONTROLS / 'canny'}",
-                                      "--json", str(report)])
+                                      "--controls", "canny", "--json", str(report)])  # the shipped one
     threads = torch.get_num_threads()  # the script sets its own
     try:
         runpy.run_path(str(script), run_name="__main__")
@@ -158,3 +157,22 @@ def test_quality_script_at_scale_zero_scores_the_uncontrolled_images(tmp_path, m
     for key in ("kind_in_place", "colour_in_place", "kind", "colour", "interior_noise"):
         assert canny[f"controlled_{key}"] == canny[f"uncontrolled_{key}"], key
     assert canny["controlled"] == canny["uncontrolled"]
+
+
+@pytest.mark.parametrize("controls", [["bogus"], ["canny", "edges=runs/x"]])
+def test_quality_script_refuses_an_unknown_control_kind_in_one_line(controls, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--count", "1", "--controls", *controls]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "unknown kind" in message and "\n" not in message and controls[-1].split("=")[0] in message
