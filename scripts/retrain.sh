@@ -34,21 +34,33 @@ if [ "$STAGE" = all ] || [ "$STAGE" = continue ]; then  # the same model, longer
   rm -rf "$ASSETS/base" && cp -r "$RUNS/base-continued" "$ASSETS/base"
 fi
 
-for kind in ${KINDS:-canny mask skeleton}; do
+train_control() {  # kind, output folder, steps, then more `controlnext train` flags
+  local kind=$1 output=$2 steps=$3 metric guidance
+  shift 3
   case $kind in canny) metric=edge_f1 ;; mask) metric=mask_iou ;; *) metric=none ;; esac  # quality.py scores skeletons
-  case $kind in canny) steps=1600 ;; mask) steps=600 ;; *) steps=800 ;; esac  # the shipped controls' steps
   # validation guidance, recorded in control.json as the guidance `generate` uses with the control (scripts/README.md)
   case $kind in canny) guidance=1.5 ;; *) guidance=3 ;; esac
-  rm -rf "$RUNS/control-$kind"
-  OMP_NUM_THREADS=$THREADS controlnext train --data "shapes-$kind" --resolution 128 --module-config "$MODULE" \
-    --generated-examples 6400 --latent-cache "$RUNS/latent-cache" --trainable 'attn[12]\.' \
-    --learning-rate 1e-3 --module-learning-rate 1e-3 \
-    --lr-scheduler cosine --batch-size 16 --max-steps "${STEPS:-$steps}" \
-    --checkpoint-every 200 --validation-every 200 --validation-examples 8 --guidance-scale "$guidance" \
-    --validation-metric "$metric" --num-workers "$WORKERS" --no-progress-bar --no-tensorboard \
-    --output-dir "$RUNS/control-$kind"
+  rm -rf "$output"
+  OMP_NUM_THREADS=$THREADS controlnext train --data "shapes-$kind" --resolution 128 \
+    --generated-examples 6400 --latent-cache "$RUNS/latent-cache" --lr-scheduler cosine --batch-size 16 \
+    --max-steps "${STEPS:-$steps}" --checkpoint-every 200 --validation-every 200 --validation-examples 8 \
+    --guidance-scale "$guidance" --validation-metric "$metric" --num-workers "$WORKERS" --no-progress-bar \
+    --no-tensorboard --output-dir "$output" "$@"
+}
+
+for kind in ${KINDS:-canny mask skeleton}; do
+  case $kind in canny) steps=1600 ;; mask) steps=600 ;; *) steps=800 ;; esac  # the shipped controls' steps
+  train_control "$kind" "$RUNS/control-$kind" "$steps" --module-config "$MODULE" --trainable 'attn[12]\.' \
+    --learning-rate 1e-3 --module-learning-rate 1e-3
+  shipped=$RUNS/control-$kind
+  if [ "$kind" = canny ]; then  # then the finest up levels of the UNet too, at 1e-4, stored in fp16 (scripts/README.md)
+    train_control canny "$RUNS/control-canny-fine" 1600 --init-control "$RUNS/control-canny" \
+      --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
+      --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16
+    shipped=$RUNS/control-canny-fine
+  fi
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"
-  cp "$RUNS/control-$kind"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
+  cp "$shipped"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
     "$ASSETS/controls/$kind/"
 done
 [ -n "${KINDS:-}" ] || python scripts/quality.py --count 200 --json "$RUNS/quality.json"
