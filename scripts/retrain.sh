@@ -9,13 +9,15 @@
 # 128 on 30,000 scenes from those weights (4 minutes on one GPU; hours on a CPU). On a GPU every stage runs there
 # by itself (train_base.py --device auto, controlnext train through accelerate, quality.py --device auto);
 # BASE_THREADS sets the base runs' torch threads and rendering processes, WORKERS the controls' data-loading
-# processes. Each control keeps a checkpoint every 200 steps in runs/control-KIND/checkpoints (each with
-# control/, loadable). Same seeds and thread counts give the same weights on the same machine.
+# processes. Each control trains in two stages, runs/control-KIND (the module and the attention projections) and
+# runs/control-KIND-fine (from those weights, the UNet's two finest up levels too; shipped), each keeping a checkpoint
+# every 200 steps in its checkpoints/ (each with control/, loadable). Same seeds and thread counts give the same
+# weights on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
 THREADS=${THREADS:-2}  # torch threads of each control's training
-STEPS=${STEPS:-}  # optimizer steps of every control (default: each kind's own, below)
+STEPS=${STEPS:-}  # optimizer steps of every control stage (default: each kind's own, below)
 WORKERS=${WORKERS:-0}  # data-loading processes of each control's training
 BASE_THREADS=${BASE_THREADS:-2}  # torch threads and rendering processes of the base runs
 ASSETS=controlnext/assets
@@ -52,15 +54,13 @@ for kind in ${KINDS:-canny mask skeleton}; do
   case $kind in canny) steps=1600 ;; mask) steps=600 ;; *) steps=800 ;; esac  # the shipped controls' steps
   train_control "$kind" "$RUNS/control-$kind" "$steps" --module-config "$MODULE" --trainable 'attn[12]\.' \
     --learning-rate 1e-3 --module-learning-rate 1e-3
-  shipped=$RUNS/control-$kind
-  if [ "$kind" = canny ]; then  # then the finest up levels of the UNet too, at 1e-4, stored in fp16 (scripts/README.md)
-    train_control canny "$RUNS/control-canny-fine" 1600 --init-control "$RUNS/control-canny" \
-      --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
-      --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16
-    shipped=$RUNS/control-canny-fine
-  fi
+  # then the UNet's two finest up levels too, from those weights at 1e-4, stored in fp16 (scripts/README.md)
+  case $kind in canny) steps=1600 ;; *) steps=800 ;; esac
+  train_control "$kind" "$RUNS/control-$kind-fine" "$steps" --init-control "$RUNS/control-$kind" \
+    --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
+    --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"
-  cp "$shipped"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
+  cp "$RUNS/control-$kind-fine"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
     "$ASSETS/controls/$kind/"
 done
 [ -n "${KINDS:-}" ] || python scripts/quality.py --count 200 --json "$RUNS/quality.json"
