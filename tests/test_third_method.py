@@ -154,3 +154,15 @@ def test_trains_with_the_cli_and_generates_with_the_cli(tiny_base, tmp_path):
 
     catalog = ModelCatalog.discover([tmp_path], include_embedded=False)
     assert [entry.path for entry in catalog.controls] == [str(tmp_path / "run")]
+
+
+def test_half_precision_saving_is_refused_before_training_when_the_method_cannot_store_it(tiny_base, tmp_path, capsys):
+    from controlnext.cli import main
+
+    data = write_data_folder(tmp_path / "data", count=2)
+    code = main(["train", "--base", str(tiny_base), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                 "--method", NAME, "--resolution", "64", "--max-steps", "2", "--save-precision", "fp16",
+                 "--no-tensorboard", "--no-progress-bar"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0 and "--save-precision fp16" in message and "fp32" in message
+    assert not (tmp_path / "run" / "control.json").exists()

@@ -26,7 +26,9 @@ class ControlMethod:
     name: str
     model_class: type | tuple[type, ...]  # what isinstance recognises as this method's model
     load: Callable  # (path, denoiser=None, **options) -> LoadedControl; options it does not take are refused
-    save: Callable  # (path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None) -> path
+    # (path, model, base_weights=None, *, original_weights=None, increments=False, metadata=None) -> path; a save
+    # that also takes dtype= (the stored precision) lets `controlnext train --save-precision` use fp16 or bf16
+    save: Callable
     build: Callable  # (denoiser, TrainConfig, vae_scale_factor=8) -> a fresh model for that base
     detect: Callable[[Path], bool] = lambda path: False  # files without control.json that are this method's
     trainable: Callable[[str], str] = lambda family: "none"  # denoiser family -> the preset "--trainable auto" means

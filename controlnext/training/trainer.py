@@ -9,6 +9,7 @@ sampling) comes from a generator seeded by (seed, process, micro-step) and the d
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import time
@@ -140,6 +141,10 @@ class Trainer:
         if config.method not in METHODS:
             raise ControlNextError(f"unknown --method {config.method!r}; known: {', '.join(METHODS)}")
         self.method: ControlMethod = METHODS[config.method]
+        self.save_options = {} if config.save_precision == "fp32" else {"dtype": SAVE_PRECISION[config.save_precision]}
+        if self.save_options and "dtype" not in inspect.signature(self.method.save).parameters:
+            raise ControlNextError(f"--save-precision {config.save_precision}: the {config.method} method saves its "
+                                   "weights in fp32 only; leave --save-precision at fp32")
         self.output = Path(config.output_dir)
         AcceleratorState._reset_state()  # accelerate keeps one precision per process; each run sets its own
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_use_cpu(config),
@@ -389,8 +394,7 @@ class Trainer:
             "prediction_type": self.base.prediction_type,
         }
         self.method.save(folder, module, unet_weights, original_weights=self.original,
-                         increments=self.config.save_increments, metadata=metadata,
-                         dtype=SAVE_PRECISION[self.config.save_precision])
+                         increments=self.config.save_increments, metadata=metadata, **self.save_options)
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
