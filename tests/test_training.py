@@ -126,6 +126,19 @@ def test_control_saved_in_half_precision_stores_its_weights_so_and_loads_in_fp32
         assert torch.equal(value.float(), live[name].detach().to(dtype).float()), name  # cast when attached
 
 
+def test_controlnet_saved_in_fp16_stores_its_copy_so_and_loads_in_fp32(tiny_base, data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_base, data, tmp_path / "out", method="controlnet", module_config=None,
+                                  max_steps=2, save_precision="fp16"))
+    folder = trainer.run()
+    stored = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    live = trainer.control.state_dict()
+    assert stored.keys() == live.keys() and all(v.dtype == torch.float16 for v in stored.values())
+    loaded = load_control(folder, load_training_base(tiny_base).unet)
+    assert loaded.method == "controlnet"
+    for name, value in loaded.model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, live[name].half().float()), name
+
+
 def test_checkpoints_hold_the_state_and_the_export(trained):
     checkpoints = sorted((trained.output / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["checkpoint-000016"]  # keep_checkpoints=1
