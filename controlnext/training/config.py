@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ControlNextError
+from ..request import DTYPES
 
 SELECTION_PRESETS = ("auto", "sd15", "sdxl", "sd3", "spaced", "all", "none")
 
@@ -129,7 +130,7 @@ class TrainConfig:
     save_increments: bool = option(False, "store the trained base weights as increments over the original base "
                                    "weights instead of absolute values")
     save_precision: str = option("fp32", "precision of the saved control's weights (fp16 or bf16 halve the files; "
-                                 "training and its checkpoints' state stay fp32)", choices=("fp32", "fp16", "bf16"))
+                                 "training and its checkpoints' state stay fp32)", choices=DTYPES)
 
     # -- watching it learn -----------------------------------------------------------------------------
     validation_every: int = option(500, "generate validation images every N optimizer steps (0: never)")

@@ -24,6 +24,7 @@ from ..control.loading import load_control
 from ..denoisers import describe
 from ..errors import ControlNextError, MissingDependencyError
 from ..methods import METHODS, ControlMethod
+from ..pipelines.base import DTYPES
 from . import checkpoint as ckpt
 from .base import BaseModel, load_training_base
 from .cache import LatentCache, data_identity, sample_latents
@@ -36,7 +37,6 @@ from .validation import fidelity, generate, image_grid, resolve_metric, validati
 from .video import VideoClips, is_video_base, validate_video, validation_clip, video_loss
 
 LOW_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ControlledUNet(nn.Module):
@@ -141,7 +141,7 @@ class Trainer:
         if config.method not in METHODS:
             raise ControlNextError(f"unknown --method {config.method!r}; known: {', '.join(METHODS)}")
         self.method: ControlMethod = METHODS[config.method]
-        self.save_options = {} if config.save_precision == "fp32" else {"dtype": SAVE_PRECISION[config.save_precision]}
+        self.save_options = {} if config.save_precision == "fp32" else {"dtype": DTYPES[config.save_precision]}
         if self.save_options and "dtype" not in inspect.signature(self.method.save).parameters:
             raise ControlNextError(f"--save-precision {config.save_precision}: the {config.method} method saves its "
                                    "weights in fp32 only; leave --save-precision at fp32")
