@@ -160,19 +160,15 @@ def test_quality_script_at_scale_zero_scores_the_uncontrolled_images(tmp_path, m
 
 
 @pytest.mark.parametrize("controls", [["bogus"], ["canny", "edges=runs/x"]])
-def test_quality_script_refuses_an_unknown_control_kind_in_one_line(controls, capsys):
+def test_quality_script_refuses_an_unknown_control_kind_in_one_line(controls, capsys, monkeypatch):
     import runpy
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
-    argv = sys.argv
-    sys.argv = [str(script), "--count", "1", "--controls", *controls]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
+    monkeypatch.setattr(sys, "argv", [str(script), "--count", "1", "--controls", *controls])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "unknown kind" in message and "\n" not in message and controls[-1].split("=")[0] in message
