@@ -33,7 +33,7 @@ from controlnext.evaluation import (CONTROL_METRICS, check_targets, evaluate_con
 from controlnext.metrics import IN_PLACE_SCORES  # noqa: E402
 from controlnext.pipelines import ControlledPipeline  # noqa: E402
 from controlnext.pipelines.base import BUNDLED_CONTROLS  # noqa: E402
-from controlnext.request import recommended_guidance  # noqa: E402
+from controlnext.request import SCHEDULER_NAMES, recommended_guidance  # noqa: E402
 
 BASE_GUIDANCE = 5.0  # the base model's figures, and a control's that recommends none
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=None,
                         help="strength of every control (default: each control's recommended scale)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
+    parser.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
+                        help="sampler of every image, as `generate --scheduler` names it (default: the base's own, "
+                        "DDIM for the embedded default; `generate`'s own default, auto, is unipc there)")
     parser.add_argument("--split", default="test", choices=sorted(set(SPLITS) - {"train"}),
                         help="scenes judged: test (the figures to report) or validation (to choose among trained "
                         "controls, e.g. a run's checkpoints, without looking at the test scenes) (default: test)")
@@ -89,8 +92,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: --strength {args.strength}: must be in (0, 1]\n")
     pipe = ControlledPipeline.from_pretrained(args.base, device=device,
                                               task="txt2img" if args.strength is None else "img2img")
+    try:
+        scheduler = pipe.use_scheduler(args.scheduler) if args.scheduler else type(pipe.pipe.scheduler).__name__
+    except ControlNextError as error:
+        parser.exit(2, f"{parser.prog}: error: --scheduler {args.scheduler}: {error}\n")
     pipe.set_progress_bar_config(disable=True)
     report = {"device": str(pipe.pipe.device), "count": args.count, "split": args.split, "steps": args.steps,
+              "scheduler": scheduler,
               "guidance": args.guidance, "scale": args.scale, "seed": args.seed, "strength": args.strength,
               "base": {}, "controls": {}}
     sampling = dict(count=args.count, seed=args.seed, steps=args.steps, split=args.split, strength=args.strength)

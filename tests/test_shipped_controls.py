@@ -119,6 +119,21 @@ def test_readme_command_draws_the_example(tmp_path):
     assert edge_f1(Image.open(example), image) > 0.4
 
 
+def run_quality(monkeypatch, *arguments) -> None:
+    """Run scripts/quality.py with these arguments in this process."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *arguments])
+    threads = torch.get_num_threads()  # the script sets its own
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_shared_floor_scores_as_one_made_for_the_control(base_pipe):
     """quality.py generates the uncontrolled images once for every control: the scores must not change."""
     from controlnext.evaluation import uncontrolled_images
@@ -136,21 +151,12 @@ def test_a_shared_floor_scores_as_one_made_for_the_control(base_pipe):
 def test_quality_script_at_scale_zero_scores_the_uncontrolled_images(tmp_path, monkeypatch):
     """`quality.py --scale 0` switches every control off: its 'with control' figures are the base model's."""
     import json
-    import runpy
-    import sys
-    from pathlib import Path
 
     if not shipped("canny"):
         pytest.skip("the canny control is not shipped in this checkout")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
     report = tmp_path / "quality.json"
-    monkeypatch.setattr(sys, "argv", [str(script), "--count", "2", "--steps", "2", "--no-base", "--scale", "0",
-                                      "--controls", "canny", "--json", str(report)])  # the shipped one
-    threads = torch.get_num_threads()  # the script sets its own
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
+    run_quality(monkeypatch, "--count", "2", "--steps", "2", "--no-base", "--scale", "0", "--controls", "canny",
+                "--json", str(report))  # the shipped one
     figures = json.loads(report.read_text())
     canny = figures["controls"]["canny"]
     assert figures["scale"] == 0
@@ -161,14 +167,32 @@ def test_quality_script_at_scale_zero_scores_the_uncontrolled_images(tmp_path, m
 
 @pytest.mark.parametrize("controls", [["bogus"], ["canny", "edges=runs/x"]])
 def test_quality_script_refuses_an_unknown_control_kind_in_one_line(controls, capsys, monkeypatch):
-    import runpy
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "quality.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--count", "1", "--controls", *controls])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
+        run_quality(monkeypatch, "--count", "1", "--controls", *controls)
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "unknown kind" in message and "\n" not in message and controls[-1].split("=")[0] in message
+
+
+def test_quality_script_samples_with_the_scheduler_it_is_given(tmp_path, monkeypatch):
+    """`--scheduler` picks the sampler as `generate` names it; without it, the base's own (DDIM here)."""
+    import json
+
+    if not shipped("canny"):
+        pytest.skip("the canny control is not shipped in this checkout")
+    reports = {}
+    for name in (None, "euler"):
+        report = tmp_path / f"{name}.json"
+        run_quality(monkeypatch, "--count", "2", "--steps", "3", "--no-base", "--controls", "canny",
+                    "--json", str(report), *(["--scheduler", name] if name else []))
+        reports[name] = json.loads(report.read_text())
+    assert reports[None]["scheduler"] == "DDIMScheduler" and reports["euler"]["scheduler"] == "euler"
+    assert reports[None]["controls"]["canny"]["controlled"] != reports["euler"]["controls"]["canny"]["controlled"]
+
+
+def test_quality_script_refuses_a_scheduler_the_base_cannot_sample_with_in_one_line(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        run_quality(monkeypatch, "--count", "1", "--no-base", "--scheduler", "heun")  # flow matching: SD3 only
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bars
+    assert message.startswith("quality.py: error: --scheduler heun: unknown scheduler")
