@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     pipe = ControlledPipeline.from_pretrained(args.base, device=device,
                                               task="txt2img" if args.strength is None else "img2img")
     try:
-        scheduler = pipe.use_scheduler(args.scheduler) if args.scheduler else type(pipe.pipe.scheduler).__name__
+        if args.scheduler:
+            pipe.use_scheduler(args.scheduler)
     except ControlNextError as error:
         parser.exit(2, f"{parser.prog}: error: --scheduler {args.scheduler}: {error}\n")
     pipe.set_progress_bar_config(disable=True)
     report = {"device": str(pipe.pipe.device), "count": args.count, "split": args.split, "steps": args.steps,
-              "scheduler": scheduler,
+              "scheduler": type(pipe.pipe.scheduler).__name__,  # the sampler in use, named alike either way
               "guidance": args.guidance, "scale": args.scale, "seed": args.seed, "strength": args.strength,
               "base": {}, "controls": {}}
     sampling = dict(count=args.count, seed=args.seed, steps=args.steps, split=args.split, strength=args.strength)

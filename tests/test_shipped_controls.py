@@ -186,7 +186,7 @@ def test_quality_script_samples_with_the_scheduler_it_is_given(tmp_path, monkeyp
         run_quality(monkeypatch, "--count", "2", "--steps", "3", "--no-base", "--controls", "canny",
                     "--json", str(report), *(["--scheduler", name] if name else []))
         reports[name] = json.loads(report.read_text())
-    assert reports[None]["scheduler"] == "DDIMScheduler" and reports["euler"]["scheduler"] == "euler"
+    assert reports[None]["scheduler"] == "DDIMScheduler" and reports["euler"]["scheduler"] == "EulerDiscreteScheduler"
     assert reports[None]["controls"]["canny"]["controlled"] != reports["euler"]["controls"]["canny"]["controlled"]
 
 
