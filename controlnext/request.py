@@ -150,8 +150,8 @@ class GenerationRequest:
     guidance: float | None = setting("classifier-free guidance scale, <= 1 disables it (default: the first control's "
                                      f"recommended guidance, else {DEFAULT_GUIDANCE:g})", default=None, ge=0,
                                      web=dict(le=30))
-    scheduler: str = setting("sampler (auto: unipc, or an SD3 base's own flow-matching Euler; an SD3 base takes "
-                             "euler or heun, on the flow)", default="auto", choices=SCHEDULER_NAMES)
+    scheduler: str = setting("sampler (auto: the base's own when it is one of these, else unipc; an SD3 base "
+                             "takes euler or heun, on the flow)", default="auto", choices=SCHEDULER_NAMES)
     seed: int | None = setting("random seed; image k of a batch uses seed + k (None: one at random)", default=0,
                                ge=0, lt=2**32)
     width: int | None = setting(f"image width, a multiple of {SIZE_MULTIPLE} (default: the model's size)",

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: 0)")
     parser.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
                         help="sampler of every image, as `generate --scheduler` names it (default: the base's own, "
-                        "DDIM for the embedded default; `generate`'s own default, auto, is unipc there)")
+                        "DDIM for the embedded default, which `generate`'s auto keeps too)")
     parser.add_argument("--split", default="test", choices=sorted(set(SPLITS) - {"train"}),
                         help="scenes judged: test (the figures to report) or validation (to choose among trained "
                         "controls, e.g. a run's checkpoints, without looking at the test scenes) (default: test)")

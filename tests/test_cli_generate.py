@@ -41,7 +41,7 @@ def test_same_seed_same_image_and_parameters_are_stored(tmp_path, tiny_base, tin
     params = read_parameters(a)
     assert params["seed"] == 7 and params["prompt"] == "a red circle" and params["steps"] == 2
     assert params["controls"][0]["scale"] == 0.5 and params["controls"][0]["image"] == str(condition)
-    assert params["scheduler"] == "unipc" and (params["width"], params["height"]) == (64, 64)
+    assert params["scheduler"] == "ddim" and (params["width"], params["height"]) == (64, 64)
 
 
 def test_several_images_get_their_own_seed(tmp_path, tiny_base, tiny_control, condition):
@@ -152,7 +152,7 @@ def test_resize_mode_and_unet_weights_flags(tmp_path, tiny_base, condition, caps
 def test_png_records_the_values_used_not_the_defaults_left_open(tmp_path, tiny_base, tiny_control, condition):
     params = read_parameters(generate(tmp_path, tiny_base, tiny_control, condition, "used.png"))
     assert params["controls"][0]["scale"] == 1.0  # the control's recommended scale
-    assert (params["dtype"], params["device"], params["scheduler"], params["seed"]) == ("fp32", "cpu", "unipc", 0)
+    assert (params["dtype"], params["device"], params["scheduler"], params["seed"]) == ("fp32", "cpu", "ddim", 0)
     assert (params["width"], params["height"]) == (64, 64)
     assert None not in (params["controls"][0][key] for key in ("scale", "start", "end", "annotator"))
 

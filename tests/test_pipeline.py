@@ -63,6 +63,24 @@ def test_every_scheduler_runs_with_control(tiny_base, tiny_control, scheduler):
     assert np.abs(images - base_run(pipe)).max() > 1e-3
 
 
+AUTO_CASES = [  # the scheduler a base was loaded with -> what "auto" samples with
+    ("DDIMScheduler", "ddim", "DDIMScheduler"),  # the embedded default's own: kept
+    ("EulerDiscreteScheduler", "euler", "EulerDiscreteScheduler"),  # SDXL's own: kept
+    ("PNDMScheduler", "unipc", "UniPCMultistepScheduler"),  # SD 1.5's own: not one of ours, UniPC instead
+    ("DDPMScheduler", "unipc", "UniPCMultistepScheduler"),
+]
+
+
+@pytest.mark.parametrize("loaded, name, used", AUTO_CASES)
+def test_auto_keeps_the_base_sampler_when_it_is_one_of_ours(tiny_base, tiny_control, loaded, name, used):
+    import diffusers
+
+    pipe = ControlledPipeline.from_pretrained(tiny_base, [tiny_control])
+    pipe.loaded_scheduler = getattr(diffusers, loaded).from_config(pipe.pipe.scheduler.config)
+    assert pipe.use_scheduler("euler_a") == "euler_a"  # another one first: auto starts again from the loaded one
+    assert pipe.use_scheduler("auto") == name and type(pipe.pipe.scheduler).__name__ == used
+
+
 def test_window_that_never_opens_is_the_base(pipes):
     pipe = pipes["txt2img"]
     closed = pipe("a red circle", control_images=[circle()], control_starts=0.0, control_ends=0.0,

@@ -37,16 +37,22 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def set_scheduler(pipe, name: str) -> str:
     """Replace the pipeline's scheduler by another one built from the same config; returns the name used.
 
-    "auto" keeps an SD3 base's own flow-matching sampler and picks UniPC for SD 1.x/2.x and SDXL."""
+    "auto" keeps the base's own sampler when it is one of ours (a base tuned for DDIM, as the embedded default is,
+    or SDXL's Euler) and otherwise takes UniPC for SD 1.x/2.x and SDXL (in place of SD 1.5's PNDM, which needs
+    more steps); an SD3 base keeps its own flow-matching sampler."""
     import diffusers
 
     flow = family_of(pipe) == "sd3"
     known = FLOW_SCHEDULERS if flow else SCHEDULERS
     if name == "auto":
-        if flow:  # the base's own sampler, named when it is one of ours
-            own = type(pipe.scheduler).__name__
-            return next((key for key, cls in known.items() if cls == own), "auto")
-        name = "unipc"
+        own = type(pipe.scheduler).__name__
+        name = next((key for key, cls in known.items() if cls == own), None)
+        if name is None:
+            if flow:  # a flow-matching sampler of its own that we do not name: left as it is
+                return "auto"
+            name = "unipc"
+        if known[name] == own:
+            return name
     if name not in known:
         what = "an SD3 base samples the flow with" if flow else "choose one of"
         raise ControlNextError(f"unknown scheduler {name!r} for this base; {what} {', '.join(['auto', *known])}")
