@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from controlnext.bench.convergence import (ConvergenceSetup, ConvergenceStudy, aggregate_recipe, delete_large_files,
-                                          finished_result, plan_runs, plot_curves, plot_study, read_curve,
+                                          finished_result, plan_runs, plot_curves, plot_study, read_curve, study_figure,
                                           run_convergence, run_study, run_summary, spread, summarize)
 from controlnext.bench.report import render_markdown, spread_text, update_results
 from controlnext.bench.training_cost import measure_training_cost
@@ -298,6 +298,17 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
     plot = plot_study(result, "mask", tmp_path / "study.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert Image.open(plot).size[0] > 900  # two panels
+    one_panel = json.loads(json.dumps(result))
+    one_panel["kinds"]["mask"]["recipes"].pop("common")
+    for shown in (result, one_panel):  # every title and label inside the figure, with one panel or two
+        figure = study_figure(shown, "mask")
+        figure.canvas.draw()
+        renderer, box = figure.canvas.get_renderer(), figure.bbox
+        texts = [figure._suptitle] + [text for axes in figure.axes for text in
+                                      (axes.title, axes.xaxis.label, axes.yaxis.label)]
+        for text in texts:
+            extent = text.get_window_extent(renderer)
+            assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1 and extent.y1 <= box.y1 + 1, text.get_text()
 
     # studies of other recipes or steps are kept side by side; a file with the former single study is read
     label = f"paper-common-{study.steps}"

@@ -676,9 +676,9 @@ def median_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list
     return steps, [statistics.median(curve[step] for curve in values) for step in steps]
 
 
-def plot_study(result: dict, kind: str, path: str | Path) -> Path:
+def study_figure(result: dict, kind: str):
     """One panel per recipe: every seed's fidelity curve (thin, one colour per method), each method's median curve
-    (thick) and the uncontrolled floor (dashed), as a PNG."""
+    (thick) and the uncontrolled floor (dashed), as a matplotlib figure."""
     from .report import METHOD_NAMES
 
     plt = _pyplot()
@@ -702,7 +702,13 @@ def plot_study(result: dict, kind: str, path: str | Path) -> Path:
         panel.grid(alpha=0.3)
     axes[0][0].set_ylabel(entry["metric"].replace("_", " "))
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"shapes world, {kind} condition, {setup['validation_count']} held-out scenes: each of "
-                    f"{len(setup['seeds'])} training seeds (thin) and their median (thick)", fontsize=11)
+    # two lines, so that the title fits above a single panel too
+    figure.suptitle(f"shapes world, {kind} condition, {setup['validation_count']} held-out scenes\n"
+                    f"each of {len(setup['seeds'])} training seeds (thin) and their median (thick)", fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
+
+
+def plot_study(result: dict, kind: str, path: str | Path) -> Path:
+    """`study_figure` saved as a PNG."""
+    return _save(study_figure(result, kind), path)

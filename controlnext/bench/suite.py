@@ -24,7 +24,6 @@ def run_benchmarks(
     threads: int | None = 1,
     results_path: str | Path = "BENCHMARKS.json",
     output_path: str | Path = "BENCHMARKS.md",
-    command: str = "controlnext bench",
     training_resolution: int = 256,
     training_steps: int = 3,
     generation: bool = True,
@@ -53,7 +52,7 @@ def run_benchmarks(
         machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         machine["torch_threads"] = run["threads"]
         results = update_results(results_path, overhead={**run, "machine": machine})
-        Path(output_path).write_text(render_markdown(results, command))
+        Path(output_path).write_text(render_markdown(results))
         for clock in ("wall", "cpu"):
             timing = run["timing"][clock]
             log(f"{resolution} px, {clock} time: ControlNeXt {timing['overhead']['controlnext']:+.1%}, ControlNet "
@@ -65,7 +64,7 @@ def run_benchmarks(
         cost = measure_training_cost("sd15", training_resolution, steps=training_steps, warmup=1, threads=threads,
                                      log=log)
         results = update_results(results_path, training_cost={**cost, "machine": machine})
-        Path(output_path).write_text(render_markdown(results, command))
+        Path(output_path).write_text(render_markdown(results))
         log(f"training step at {training_resolution} px: ControlNeXt {cost['time_ratio']:.0%} of ControlNet's time, "
             f"{cost['training_memory_ratio']:.0%} of its training memory")
     if generation:
@@ -74,13 +73,13 @@ def run_benchmarks(
         entry = measure_generation(threads=threads, log=log)
         if entry is not None:
             results = update_results(results_path, generation={**entry, "machine": machine_info()})
-    Path(output_path).write_text(render_markdown(results, command))
+    Path(output_path).write_text(render_markdown(results))
     return results
 
 
 def run_video_benchmark(frames: int = 14, time_size: tuple[int, int] = (64, 112), rounds: int = 2,
                         threads: int | None = 1, results_path: str | Path = "BENCHMARKS.json",
-                        output_path: str | Path = "BENCHMARKS.md", command: str = "controlnext bench", log=print) -> dict:
+                        output_path: str | Path = "BENCHMARKS.md", log=print) -> dict:
     """The cost of pose control on an SVD-XT step: printed, merged into `results_path`, rendered into the report."""
     from .report import machine_info, render_markdown, update_results
     from .video import measure_video
@@ -89,13 +88,13 @@ def run_video_benchmark(frames: int = 14, time_size: tuple[int, int] = (64, 112)
     entry = measure_video(frames=frames, time_size=time_size, time_frames=frames, repeats=rounds, threads=threads,
                           log=log)
     results = update_results(results_path, video={**entry, "machine": machine})
-    Path(output_path).write_text(render_markdown(results, command))
+    Path(output_path).write_text(render_markdown(results))
     return results
 
 
 def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
                               results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
-                              plots_dir: str | Path | None = None, command: str = "controlnext bench", log=print) -> dict:
+                              plots_dir: str | Path | None = None, log=print) -> dict:
     """Train both methods on the shapes world (`ConvergenceSetup`), plot the curves, merge and write the report."""
     from .convergence import plot_curves, run_convergence
     from .report import render_markdown, update_results
@@ -104,14 +103,14 @@ def run_convergence_benchmark(setup, work_dir: str | Path = "runs/convergence",
     plots = Path(plots_dir) if plots_dir else Path(output_path).resolve().parent / "benchmarks"
     plot_curves(result, plots / f"convergence-{setup.label}.png")
     results = update_results(results_path, convergence=result)
-    Path(output_path).write_text(render_markdown(results, command))
+    Path(output_path).write_text(render_markdown(results))
     return result
 
 
 def run_convergence_study_benchmark(study, work_dir: str | Path = "runs/convergence-study",
                                     results_path: str | Path = "BENCHMARKS.json",
                                     output_path: str | Path = "BENCHMARKS.md", plots_dir: str | Path | None = None,
-                                    command: str = "controlnext bench --convergence-study", log=print) -> dict:
+                                    log=print) -> dict:
     """Run the convergence study (`ConvergenceStudy`; finished runs are kept), plot each kind's curves, merge the
     study into `results_path` (beside studies of other recipes or steps, in place of the single UNet comparisons)
     and write the report."""
@@ -123,18 +122,18 @@ def run_convergence_study_benchmark(study, work_dir: str | Path = "runs/converge
     for kind in result["kinds"]:
         plot_study(result, kind, plots / study_plot_name(result, kind))
     results = update_results(results_path, convergence_study=result)
-    Path(output_path).write_text(render_markdown(results, command))
+    Path(output_path).write_text(render_markdown(results))
     return result
 
 
 def run_sd3_cpu_benchmark(results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
                           resolution: int = 256, repeats: int = 3, threads: int = 1,
-                          command: str = "controlnext bench --sd3-cpu", log=print) -> dict:
+                          log=print) -> dict:
     """CPU seconds of a transformer step and of each control model alone at SD3-medium's width (6 joint blocks, bf16)."""
     from .report import render_markdown, update_results
     from .sd3 import measure_cpu
 
     entry = measure_cpu("sd3-medium", resolution=resolution, repeats=repeats, threads=threads, log=log)
     results = update_results(results_path, sd3_cpu=entry)
-    Path(output_path).write_text(render_markdown(results, command))
+    Path(output_path).write_text(render_markdown(results))
     return entry
