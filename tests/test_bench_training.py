@@ -300,6 +300,8 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
     assert Image.open(plot).size[0] > 900  # two panels
     one_panel = json.loads(json.dumps(result))
     one_panel["kinds"]["mask"]["recipes"].pop("common")
+    from matplotlib import pyplot
+
     for shown in (result, one_panel):  # every title and label inside the figure, with one panel or two
         figure = study_figure(shown, "mask")
         figure.canvas.draw()
@@ -309,6 +311,7 @@ def test_convergence_study_on_a_tiny_base(tiny_base, tmp_path):
         for text in texts:
             extent = text.get_window_extent(renderer)
             assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1 and extent.y1 <= box.y1 + 1, text.get_text()
+        pyplot.close(figure)
 
     # studies of other recipes or steps are kept side by side; a file with the former single study is read
     label = f"paper-common-{study.steps}"

@@ -109,7 +109,8 @@ def drop_unet_comparisons(results: dict) -> list[str]:
 
 def render_markdown(results: dict) -> str:
     """BENCHMARKS.md from accumulated results."""
-    lines = ["# Benchmarks", "", "Produced by `controlnext bench` and its modes (library: `controlnext.bench`). Random weights: these are",
+    lines = ["# Benchmarks", "",
+             "Produced by `controlnext bench` and its modes (library: `controlnext.bench`). Random weights: these are",
              "architecture costs, the same for any checkpoint of that architecture.", ""]
     if results.get("parameters"):
         lines += ["## Parameters", "",

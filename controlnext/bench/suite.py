@@ -127,8 +127,7 @@ def run_convergence_study_benchmark(study, work_dir: str | Path = "runs/converge
 
 
 def run_sd3_cpu_benchmark(results_path: str | Path = "BENCHMARKS.json", output_path: str | Path = "BENCHMARKS.md",
-                          resolution: int = 256, repeats: int = 3, threads: int = 1,
-                          log=print) -> dict:
+                          resolution: int = 256, repeats: int = 3, threads: int = 1, log=print) -> dict:
     """CPU seconds of a transformer step and of each control model alone at SD3-medium's width (6 joint blocks, bf16)."""
     from .report import render_markdown, update_results
     from .sd3 import measure_cpu
