@@ -6,7 +6,7 @@ import json
 import pytest
 
 from controlnext.bench import count_flops, count_parameters, make_setup, measure_overhead, render_markdown, update_results
-from controlnext.bench.suite import run_benchmarks
+from controlnext.bench.suite import record, run_benchmarks
 from controlnext.errors import ControlNextError
 from controlnext.testing import tiny_controlnet, tiny_controlnext, tiny_unet
 
@@ -70,6 +70,15 @@ def test_results_merge_per_resolution_and_render_as_tables(tmp_path):
     text = render_markdown(results)
     assert "| sd15 | ControlNet | 361.28M |" in text
     assert "| 64 px (latent 8) |" in text and "| 128 px | cpu | 7 |" in text and "test cpu" in text
+
+
+def test_record_merges_into_the_results_and_rewrites_the_report(tmp_path):
+    results, report = tmp_path / "results.json", tmp_path / "report.md"
+    record(results, report, parameters=[count_parameters("sd15")])
+    merged = record(results, report, parameters=[count_parameters("sdxl")])
+    assert sorted(merged["parameters"]) == sorted(json.loads(results.read_text())["parameters"]) == ["sd15", "sdxl"]
+    text = report.read_text()
+    assert text == render_markdown(merged) and "| sd15 | ControlNet |" in text and "| sdxl | ControlNet |" in text
 
 
 def test_cli_parser_and_bad_resolution():

@@ -365,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
     if args.report:
-        from .report import render_markdown, update_results
+        from .suite import record
 
-        Path("BENCHMARKS.md").write_text(render_markdown(update_results("BENCHMARKS.json", gpu=results)))
+        record("BENCHMARKS.json", "BENCHMARKS.md", gpu=results)
         print("wrote BENCHMARKS.md and BENCHMARKS.json")
     return 0
 
