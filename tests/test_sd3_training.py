@@ -8,6 +8,7 @@ import torch
 from training_helpers import TINY_MODULE, circle_example, losses
 
 from controlnext.control.loading import load_control
+from controlnext.errors import ControlNextError
 from controlnext.testing import save_tiny_sd3_pipeline
 from controlnext.training import TrainConfig
 from controlnext.training.data import collate
@@ -112,3 +113,9 @@ def test_trainable_presets_select_joint_blocks_attention_outputs(trainable, bloc
     selected = select_parameters(transformer, resolve_patterns(transformer, trainable, is_sdxl=False, spaced_every=2))
     assert {int(name.split(".")[1]) for name in selected} == set(blocks)
     assert all(".attn.to_out.0." in name or ".attn.to_add_out." in name for name in selected)
+
+
+def test_pixel_loss_on_a_flow_matching_base_is_one_clear_error(sd3_base, tmp_path):
+    with pytest.raises(ControlNextError, match="--pixel-loss-weight works for image bases") as error:
+        Trainer(sd3_config(sd3_base, tmp_path / "out", pixel_loss_weight=1.0), examples())
+    assert "\n" not in str(error.value)

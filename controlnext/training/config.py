@@ -86,6 +86,12 @@ class TrainConfig:
     mode_scale: float = option(1.29, "SD3 bases: scale of the mode density", resume=True)
     loss_weighting: str = option("none", "SD3 bases: loss weighting over noise levels (none, sigma_sqrt, cosmap)",
                                  resume=True, choices=("none", "sigma_sqrt", "cosmap"))
+    pixel_loss_weight: float = option(0.0, "image bases with a noise, velocity or sample prediction: weight of a loss "
+                                      "on the decoded one-step estimate of the clean image against the training "
+                                      "image, its pixels and their differences (edges), for examples below "
+                                      "--pixel-loss-max-timestep; 0: the latent objective alone", resume=True)
+    pixel_loss_max_timestep: int = option(400, "the pixel loss counts examples drawn below this timestep (of the "
+                                          "scheduler's 1,000), where the one-step estimate is sharp", resume=True)
     empty_prompt_ratio: float = option(0.1, "share of captions replaced by the empty prompt, so that classifier-free "
                                        "guidance works with the control", resume=True)
     num_workers: int = option(0, "data loading worker processes")
@@ -176,6 +182,9 @@ class TrainConfig:
             raise ControlNextError(f"--hand-loss-weight must not be negative, not {self.hand_loss_weight}")
         if self.num_frames < 2 or self.frame_stride < 1:
             raise ControlNextError("--num-frames must be at least 2 and --frame-stride at least 1")
+        if self.pixel_loss_weight < 0 or self.pixel_loss_max_timestep <= 0:
+            raise ControlNextError("--pixel-loss-weight must not be negative and --pixel-loss-max-timestep must be "
+                                   f"positive, not {self.pixel_loss_weight} and {self.pixel_loss_max_timestep}")
         if not 0 <= self.empty_prompt_ratio <= 1:
             raise ControlNextError(f"--empty-prompt-ratio must lie in [0, 1], not {self.empty_prompt_ratio}")
         if self.module_variant and self.module_config:

@@ -32,6 +32,7 @@ from .config import TrainConfig
 from .data import ControlDataset, derive_seed, make_loader, open_source
 from .flow_matching import FlowMatching, noisy_latents
 from .monitor import TrainingLog, progress_bar
+from .pixel_loss import pixel_loss
 from .selection import describe_counts, resolve_patterns, select_parameters
 from .validation import fidelity, generate, image_grid, resolve_metric, validation_set
 from .video import VideoClips, is_video_base, validate_video, validation_clip, video_loss
@@ -101,7 +102,11 @@ def diffusion_loss(model: nn.Module, base: BaseModel, batch: dict, config: Train
     else:
         raise ControlNextError(f"the base scheduler predicts {base.prediction_type!r}, which training does not support")
     prediction = model(noisy, timesteps, hidden, condition, added_cond_kwargs=added)
-    return F.mse_loss(prediction.float(), target.float())
+    loss = F.mse_loss(prediction.float(), target.float())
+    if config.pixel_loss_weight:
+        loss = loss + config.pixel_loss_weight * pixel_loss(base.vae, scheduler, batch, noisy, prediction, timesteps,
+                                                            base.prediction_type, config.pixel_loss_max_timestep)
+    return loss
 
 
 def make_optimizer(control: nn.Module, unet_parameters: list[nn.Parameter], config: TrainConfig):
@@ -166,6 +171,9 @@ class Trainer:
             self.dataset = ControlDataset(open_source(config, examples), config.resolution, config.annotator)
         self.loss = video_loss if self.video else diffusion_loss
         self.base = load_training_base(config.base)
+        if config.pixel_loss_weight and (self.video or self.base.prediction_type == "flow_matching"):
+            raise ControlNextError("--pixel-loss-weight works for image bases with a noise, velocity or sample "
+                                   "prediction (SD1.5, SD2, SDXL); drop it for this base")
         if config.latent_cache:
             if self.video:
                 raise ControlNextError("--latent-cache works for image bases; a video base encodes its clips each step")
