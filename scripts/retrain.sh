@@ -11,7 +11,8 @@
 # BASE_THREADS sets the base runs' torch threads and rendering processes, WORKERS the controls' data-loading
 # processes. Each control trains in two stages, runs/control-KIND (the module and the attention projections) and
 # runs/control-KIND-fine (from those weights, the UNet's two finest up levels too; shipped), each keeping a checkpoint
-# every 200 steps in its checkpoints/ (each with control/, loadable). Same seeds and thread counts give the same
+# every 200 steps in its checkpoints/ (each with control/, loadable); canny has a third, runs/control-canny-pixel
+# (the same weights with --pixel-loss-weight; shipped). Same seeds and thread counts give the same
 # weights on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,8 +60,14 @@ for kind in ${KINDS:-canny mask skeleton}; do
   train_control "$kind" "$RUNS/control-$kind-fine" "$steps" --init-control "$RUNS/control-$kind" \
     --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
     --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16
+  shipped="$RUNS/control-$kind-fine"
+  if [ "$kind" = canny ]; then  # then the same weights with the decoded-image loss too, which puts edges on the pixel
+    train_control canny "$RUNS/control-canny-pixel" 800 --init-control "$shipped" \
+      --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
+      --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16 --pixel-loss-weight 10
+    shipped="$RUNS/control-canny-pixel"
+  fi
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"
-  cp "$RUNS/control-$kind-fine"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} \
-    "$ASSETS/controls/$kind/"
+  cp "$shipped"/{config.json,control.json,diffusion_pytorch_model.safetensors,unet.safetensors} "$ASSETS/controls/$kind/"
 done
 [ -n "${KINDS:-}" ] || python scripts/quality.py --count 200 --json "$RUNS/quality.json"
