@@ -57,14 +57,12 @@ for kind in ${KINDS:-canny mask skeleton}; do
     --learning-rate 1e-3 --module-learning-rate 1e-3
   # then the UNet's two finest up levels too, from those weights at 1e-4, stored in fp16 (scripts/README.md)
   case $kind in canny) steps=1600 ;; *) steps=800 ;; esac
-  train_control "$kind" "$RUNS/control-$kind-fine" "$steps" --init-control "$RUNS/control-$kind" \
-    --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
-    --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16
+  fine=(--trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out --learning-rate 1e-4
+        --module-learning-rate 1e-4 --save-precision fp16)
+  train_control "$kind" "$RUNS/control-$kind-fine" "$steps" --init-control "$RUNS/control-$kind" "${fine[@]}"
   shipped="$RUNS/control-$kind-fine"
   if [ "$kind" = canny ]; then  # then the same weights with the decoded-image loss too, which puts edges on the pixel
-    train_control canny "$RUNS/control-canny-pixel" 800 --init-control "$shipped" \
-      --trainable 'attn[12]\.' 'up_blocks\.[23]\.' conv_out conv_norm_out \
-      --learning-rate 1e-4 --module-learning-rate 1e-4 --save-precision fp16 --pixel-loss-weight 10
+    train_control canny "$RUNS/control-canny-pixel" 800 --init-control "$shipped" "${fine[@]}" --pixel-loss-weight 10
     shipped="$RUNS/control-canny-pixel"
   fi
   rm -rf "$ASSETS/controls/$kind" && mkdir -p "$ASSETS/controls/$kind"

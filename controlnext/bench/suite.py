@@ -75,13 +75,14 @@ def run_benchmarks(
         record(results_path, output_path, training_cost={**cost, "machine": machine})
         log(f"training step at {training_resolution} px: ControlNeXt {cost['time_ratio']:.0%} of ControlNet's time, "
             f"{cost['training_memory_ratio']:.0%} of its training memory")
-    entry = None
+    entries = {}
     if generation:
         from .generation import measure_generation
 
         entry = measure_generation(threads=threads, log=log)
-    return record(results_path, output_path, **({} if entry is None else
-                                                 {"generation": {**entry, "machine": machine_info()}}))
+        if entry is not None:
+            entries["generation"] = {**entry, "machine": machine_info()}
+    return record(results_path, output_path, **entries)
 
 
 def run_video_benchmark(frames: int = 14, time_size: tuple[int, int] = (64, 112), rounds: int = 2,

@@ -62,8 +62,7 @@ def pixel_loss(vae, scheduler, batch: dict, noisy: torch.Tensor, prediction: tor
     with torch.no_grad():
         if "pixel_values" in batch:
             target = batch["pixel_values"].to(image.device)[chosen].float()
-        else:  # the image as the VAE reproduces it: its stored posterior mean, decoded
+        else:  # the image as the VAE reproduces it: its stored posterior mean (unscaled latents), decoded
             mean = batch["latent_mean"].to(image.device)[chosen]
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            target = decode(vae, (mean - shift) * vae.config.scaling_factor)
+            target = vae.decode(mean.to(vae.dtype)).sample.float()
     return image_distance(image, target).sum() / timesteps.shape[0]
